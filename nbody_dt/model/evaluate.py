@@ -1,0 +1,92 @@
+"""The one evaluation primitive: states (+history) -> dt, one KDK step, energy error, pass mask, loss.
+
+Collection, replay (local and on Dask workers) and simulation all turn a state into a dt
+through `evaluate_step`, so they cannot disagree about features, normalization or dt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nbody_dt.config import Config
+from nbody_dt.model.history import History
+from nbody_dt.model.losses import band_loss, regression_loss
+from nbody_dt.model.network import DtNetwork
+from nbody_dt.physics.gravity import Gravity, total_energy
+from nbody_dt.physics.integrator import kdk_step, relative_energy_error
+from nbody_dt.physics.state import State
+
+
+@dataclass(frozen=True)
+class StepCriteria:
+    """Acceptance band, loss and integration settings of a step evaluation."""
+
+    gravity: Gravity
+    energy_threshold: float
+    accept_lower: float
+    loss_kind: str
+    loss_lower: float
+    loss_upper: float
+    loss_exponent: float
+    nonfinite_penalty: float
+    substeps: int = 1
+
+    @staticmethod
+    def from_config(cfg: Config) -> StepCriteria:
+        return StepCriteria(
+            Gravity(cfg.physics.G, cfg.physics.softening), cfg.collect.energy_threshold, cfg.collect.accept_lower,
+            cfg.loss.kind, cfg.loss.lower, cfg.loss.upper, cfg.loss.exponent, cfg.loss.nonfinite_penalty,
+            cfg.collect.substeps,
+        )
+
+
+@dataclass(frozen=True)
+class StepEvaluation:
+    """Per system: dt and log dt (B,), the state after the step, its relative energy error,
+    whether it lies in the acceptance band [accept_lower, energy_threshold), and the loss."""
+
+    dt: torch.Tensor
+    log_dt: torch.Tensor
+    next_state: State
+    rel_dE: torch.Tensor
+    passed: torch.Tensor
+    loss: torch.Tensor
+
+
+def _zero_nonfinite(grad: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
+
+
+def evaluate_step(
+    model: DtNetwork,
+    state: State,
+    history: History,
+    criteria: StepCriteria,
+    max_dt: torch.Tensor | None = None,
+) -> StepEvaluation:
+    """Predict dt for every system, take one KDK step, and score it. Vectorized over B.
+
+    max_dt (B,) optionally caps dt (a simulation landing on t_end). The band loss is
+    differentiated through the step (a per-sample hook keeps a non-finite step's gradient
+    out of the weights); the regression loss only through the network's log dt.
+    """
+    log_dt = model.log_dt(state, history)
+    if max_dt is not None:
+        log_dt = torch.minimum(log_dt, torch.log(max_dt))
+    dt = torch.exp(log_dt)
+    through_step = criteria.loss_kind == "band" and dt.requires_grad
+    step_dt = dt if through_step else dt.detach()
+    if through_step:
+        step_dt.register_hook(_zero_nonfinite)
+    after = kdk_step(state, step_dt, criteria.gravity, criteria.substeps)
+    rel_dE = relative_energy_error(total_energy(state, criteria.gravity), total_energy(after, criteria.gravity))
+    passed = (rel_dE >= criteria.accept_lower) & (rel_dE < criteria.energy_threshold)
+    if criteria.loss_kind == "band":
+        loss = band_loss(rel_dE, log_dt, criteria.loss_lower, criteria.loss_upper, criteria.nonfinite_penalty)
+    else:
+        loss = regression_loss(rel_dE, log_dt, criteria.loss_lower, criteria.loss_upper, criteria.loss_exponent,
+                               criteria.nonfinite_penalty)
+    return StepEvaluation(dt, log_dt, State(after.position.detach(), after.velocity.detach(), after.mass),
+                          rel_dE.detach(), passed, loss)

@@ -1,0 +1,169 @@
+"""Initial conditions: Kepler orbits and ensembles, Plummer spheres, figure-eight, Pythagorean problem.
+
+Every builder returns a State (float64 by default) in the centre-of-mass frame.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nbody_dt.physics.gravity import Gravity, kinetic_energy, potential_energy
+from nbody_dt.physics.state import State
+
+FIGURE_EIGHT_PERIOD = 6.32591398
+"""Period of the Chenciner-Montgomery figure-eight choreography (G = m = 1)."""
+
+
+def _planar(xy: torch.Tensor, dim: int) -> torch.Tensor:
+    """Embed (..., 2) coordinates in `dim` >= 2 dimensions."""
+    if dim < 2:
+        raise ValueError(f"dim must be 2 or 3, got {dim}")
+    pad = xy.new_zeros(xy.shape[:-1] + (dim - 2,))
+    return torch.cat([xy, pad], dim=-1)
+
+
+def _to_centre_of_mass(position: torch.Tensor, velocity: torch.Tensor, mass: torch.Tensor) -> State:
+    total = mass.sum(-1, keepdim=True)[..., None]
+    com_x = (mass[..., None] * position).sum(-2, keepdim=True) / total
+    com_v = (mass[..., None] * velocity).sum(-2, keepdim=True) / total
+    return State(position - com_x, velocity - com_v, mass)
+
+
+def kepler_period(a: torch.Tensor | float, total_mass: torch.Tensor | float, G: float = 1.0):
+    """T = 2 pi sqrt(a^3 / (G M))."""
+    if isinstance(a, torch.Tensor) or isinstance(total_mass, torch.Tensor):
+        return 2 * math.pi * torch.sqrt(torch.as_tensor(a) ** 3 / (G * torch.as_tensor(total_mass)))
+    return 2 * math.pi * math.sqrt(a**3 / (G * total_mass))
+
+
+def kepler_orbits(
+    a: torch.Tensor,
+    e: torch.Tensor,
+    m1: torch.Tensor,
+    m2: torch.Tensor,
+    G: float = 1.0,
+    start: str = "apocentre",
+    angle: torch.Tensor | None = None,
+    dim: int = 2,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[State, torch.Tensor]:
+    """A batch of two-body orbits (semi-major axis a, eccentricity e) and their periods.
+
+    Each starts at apocentre or pericentre, in its centre-of-mass frame, with the
+    line of apsides rotated by `angle` (radians, default 0) in the xy-plane.
+    """
+    a, e, m1, m2 = (torch.as_tensor(t, dtype=dtype).reshape(-1) for t in (a, e, m1, m2))
+    a, e, m1, m2 = torch.broadcast_tensors(a, e, m1, m2)
+    if not bool(((e >= 0) & (e < 1)).all()):
+        raise ValueError("eccentricity must lie in [0, 1)")
+    if not bool((a > 0).all()):
+        raise ValueError("semi-major axis must be positive")
+    total = m1 + m2
+    if start == "apocentre":
+        r = a * (1 + e)
+        v = torch.sqrt(G * total * (1 - e) / (a * (1 + e)))
+    elif start == "pericentre":
+        r = a * (1 - e)
+        v = torch.sqrt(G * total * (1 + e) / (a * (1 - e)))
+    else:
+        raise ValueError(f"start must be 'apocentre' or 'pericentre', got {start!r}")
+    phi = torch.zeros_like(a) if angle is None else torch.as_tensor(angle, dtype=dtype).expand_as(a)
+    cos, sin = torch.cos(phi), torch.sin(phi)
+    rel_x = torch.stack([r * cos, r * sin], -1)
+    rel_v = torch.stack([-v * sin, v * cos], -1)
+    f1, f2 = (m2 / total)[:, None], (m1 / total)[:, None]
+    position = torch.stack([-f1 * rel_x, f2 * rel_x], 1)
+    velocity = torch.stack([-f1 * rel_v, f2 * rel_v], 1)
+    state = State(_planar(position, dim), _planar(velocity, dim), torch.stack([m1, m2], -1))
+    return state, kepler_period(a, total, G)
+
+
+def kepler_ensemble(
+    num_orbits: int,
+    e_range: tuple[float, float],
+    a_range: tuple[float, float],
+    seed: int,
+    m1: float = 1.0,
+    m2: float = 1.0,
+    G: float = 1.0,
+    start: str = "apocentre",
+    dim: int = 2,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[State, torch.Tensor]:
+    """num_orbits orbits with e uniform in e_range and a log-uniform in a_range, random orientation."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(num_orbits, 3, generator=gen, dtype=dtype)
+    e = e_range[0] + (e_range[1] - e_range[0]) * u[:, 0]
+    log_a = math.log(a_range[0]) + (math.log(a_range[1]) - math.log(a_range[0])) * u[:, 1]
+    angle = 2 * math.pi * u[:, 2]
+    return kepler_orbits(torch.exp(log_a), e, m1, m2, G=G, start=start, angle=angle, dim=dim, dtype=dtype)
+
+
+def plummer_sphere(
+    n: int, seed: int, batch: int = 1, dim: int = 3, dtype: torch.dtype = torch.float64
+) -> State:
+    """Plummer spheres of n equal-mass bodies in Henon units (G = M = 1, E = -1/4).
+
+    Aarseth, Henon & Wielen (1974) sampling, shifted to the centre-of-mass frame and
+    rescaled so that each system has exactly virial ratio 1/2 and E = -1/4 (with G = 1, no softening).
+    """
+    if n < 2:
+        raise ValueError(f"a Plummer sphere needs n >= 2 bodies, got {n}")
+    if dim != 3:
+        raise ValueError("Plummer spheres are three-dimensional (dim = 3)")
+    gen = torch.Generator().manual_seed(seed)
+    mass = torch.full((batch, n), 1.0 / n, dtype=dtype)
+
+    def isotropic(radius: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(radius.shape + (2,), generator=gen, dtype=dtype)
+        cos_t = 2 * u[..., 0] - 1
+        sin_t = torch.sqrt(1 - cos_t**2)
+        phi = 2 * math.pi * u[..., 1]
+        return radius[..., None] * torch.stack([sin_t * torch.cos(phi), sin_t * torch.sin(phi), cos_t], -1)
+
+    x_mass = torch.rand(batch, n, generator=gen, dtype=dtype).clamp_min(1e-10) * 0.999
+    r = 1.0 / torch.sqrt(x_mass.pow(-2.0 / 3.0) - 1.0)
+    position = isotropic(r)
+    # Velocity magnitude by von Neumann rejection on g(q) = q^2 (1 - q^2)^(7/2).
+    q = torch.empty(batch, n, dtype=dtype)
+    todo = torch.ones(batch, n, dtype=torch.bool)
+    while bool(todo.any()):
+        cand = torch.rand(batch, n, 2, generator=gen, dtype=dtype)
+        accept = 0.1 * cand[..., 1] < cand[..., 0] ** 2 * (1 - cand[..., 0] ** 2) ** 3.5
+        take = todo & accept
+        q = torch.where(take, cand[..., 0], q)
+        todo = todo & ~take
+    v_escape = math.sqrt(2.0) * (1 + r**2) ** -0.25
+    velocity = isotropic(q * v_escape)
+    state = _to_centre_of_mass(position, velocity, mass)
+    return _rescale_to_henon(state)
+
+
+def _rescale_to_henon(state: State) -> State:
+    """Scale velocities to virial ratio 1/2, then lengths (and velocities) so that E = -1/4."""
+    g = Gravity()
+    kin, pot = kinetic_energy(state), potential_energy(state, g)
+    v_scale = torch.sqrt(-0.5 * pot / kin)[:, None, None]
+    state = State(state.position, state.velocity * v_scale, state.mass)
+    energy = kinetic_energy(state) + potential_energy(state, g)  # = pot / 2
+    length = (energy / -0.25)[:, None, None]  # E scales as 1/length at fixed virial ratio
+    return State(state.position * length, state.velocity / torch.sqrt(length), state.mass)
+
+
+def figure_eight(dim: int = 2, dtype: torch.dtype = torch.float64) -> State:
+    """The Chenciner-Montgomery figure-eight choreography of three unit masses (G = 1)."""
+    x1 = torch.tensor([0.97000436, -0.24308753], dtype=dtype)
+    v3 = torch.tensor([-0.93240737, -0.86473146], dtype=dtype)
+    position = torch.stack([x1, -x1, torch.zeros_like(x1)])[None]
+    velocity = torch.stack([-v3 / 2, -v3 / 2, v3])[None]
+    return State(_planar(position, dim), _planar(velocity, dim), torch.ones(1, 3, dtype=dtype))
+
+
+def pythagorean(dim: int = 2, dtype: torch.dtype = torch.float64) -> State:
+    """Burrau's Pythagorean three-body problem: masses 3, 4, 5 at rest on a 3-4-5 triangle."""
+    position = torch.tensor([[1.0, 3.0], [-2.0, -1.0], [1.0, -1.0]], dtype=dtype)[None]
+    mass = torch.tensor([[3.0, 4.0, 5.0]], dtype=dtype)
+    state = _to_centre_of_mass(position, torch.zeros_like(position), mass)
+    return State(_planar(state.position, dim), _planar(state.velocity, dim), state.mass)
