@@ -1,0 +1,153 @@
+"""Part 1: collect a trajectory by predicting dt, stepping, and retraining on failures."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nbody_dt.config import Config
+from nbody_dt.model.evaluate import StepCriteria, evaluate_step
+from nbody_dt.model.history import History
+from nbody_dt.model.network import DtNetwork
+from nbody_dt.physics.gravity import total_energy
+from nbody_dt.physics.state import State
+from nbody_dt.training.trajectory import Rows
+
+
+@dataclass(frozen=True)
+class LiveCollection:
+    """Where collection stands: the current state of each system, its history window, its
+    integration time and how many accepted steps it has taken since the run began."""
+
+    state: State
+    history: History
+    time: torch.Tensor
+    step: torch.Tensor
+
+    @staticmethod
+    def start(state: State, history_len: int) -> LiveCollection:
+        b = state.batch_size
+        return LiveCollection(state, History.empty(state, history_len),
+                              torch.zeros(b, dtype=state.dtype, device=state.device),
+                              torch.zeros(b, dtype=torch.int64, device=state.device))
+
+    def advance(self, orbits: torch.Tensor, after: State, dt: torch.Tensor) -> LiveCollection:
+        """Systems `orbits` take their accepted step (to `after`, by `dt`); the others stay."""
+        mask = torch.zeros(self.state.batch_size, dtype=torch.bool, device=self.state.device)
+        mask[orbits] = True
+        full_after = _scatter_state(self.state, orbits, after)
+        full_dt = torch.zeros_like(self.time).index_copy(0, orbits, dt.to(self.time))
+        return LiveCollection(
+            full_after.where(mask, self.state),
+            self.history.push(self.state).where(mask, self.history),
+            self.time + full_dt,
+            self.step + mask.to(torch.int64),
+        )
+
+
+def _scatter_state(base: State, index: torch.Tensor, values: State) -> State:
+    return State(base.position.index_copy(0, index, values.position),
+                 base.velocity.index_copy(0, index, values.velocity),
+                 base.mass.index_copy(0, index, values.mass))
+
+
+class CollectionStalled(RuntimeError):
+    """A system failed more than max_retrain_steps tries in a row.
+
+    Carries the rows accepted before the stall and the live collection at that point, so
+    that nothing is lost and the caller can persist them and resume.
+    """
+
+    def __init__(self, orbit: int, step: int, rel_dE: float, tries: int, rows: Rows, live: LiveCollection):
+        super().__init__(
+            f"collection stalled: system {orbit} failed {tries} consecutive tries at step {step} "
+            f"(last relative energy error {rel_dE:.3e}); raise collect.max_retrain_steps or relax the band"
+        )
+        self.orbit, self.step, self.rel_dE, self.rows, self.live = orbit, step, rel_dE, rows, live
+
+
+def select_loss(loss: torch.Tensor, passed: torch.Tensor, on: str) -> torch.Tensor:
+    """The per-sample losses that count: all of them, or the failing samples' only."""
+    return loss if on == "all" else loss[~passed]
+
+
+def collect_trajectory(
+    model: DtNetwork,
+    optimizer: torch.optim.Optimizer,
+    live: LiveCollection,
+    cfg: Config,
+    epoch: int,
+) -> tuple[Rows, LiveCollection, dict]:
+    """Advance every system by collect.steps_per_epoch accepted steps; return the rows, the new live
+    collection and the collect metrics.
+
+    Acceptance is per system: all unfinished systems are evaluated together; those inside
+    the acceptance band are recorded and advance, and if any failed, one optimizer step is
+    taken on the loss of the failing systems (or of all evaluated ones, loss.on = 'all') and
+    the failing systems retry from the same state. One hard orbit so never holds the others
+    back. With model.history_len K > 0 a system's first K steps are marked warm-up.
+    """
+    criteria = StepCriteria.from_config(cfg)
+    need = cfg.collect.steps_per_epoch
+    cap = cfg.collect.max_retrain_steps
+    k = cfg.model.history_len
+    start = time.perf_counter()
+    b = live.state.batch_size
+    done = torch.zeros(b, dtype=torch.int64)
+    fails_in_row = torch.zeros(b, dtype=torch.int64)
+    blocks: list[Rows] = []
+    tries = retrain = 0
+    while bool((done < need).any()):
+        orbits = torch.nonzero(done < need)[:, 0]
+        state = live.state.select(orbits)
+        ev = evaluate_step(model, state, live.history.select(orbits), criteria)
+        tries += len(orbits)
+        ok = ev.passed
+        if bool(ok.any()):
+            acc = orbits[ok]
+            blocks.append(Rows(
+                position=state.position[ok], velocity=state.velocity[ok], mass=state.mass[ok],
+                dt=ev.dt[ok].detach(), time=live.time[acc], energy=total_energy(state.select(ok), criteria.gravity),
+                rel_dE=ev.rel_dE[ok], orbit=acc, step=live.step[acc],
+                epoch=torch.full_like(acc, epoch), warmup=live.step[acc] < k,
+            ))
+            live = live.advance(acc, ev.next_state.select(ok), ev.dt[ok].detach())
+            done[acc] += 1
+            fails_in_row[acc] = 0
+        if bool((~ok).any()):
+            failed = orbits[~ok]
+            fails_in_row[failed] += 1
+            worst = int(torch.argmax(fails_in_row))
+            if cap and int(fails_in_row[worst]) > cap:
+                pos = int(torch.nonzero(orbits == worst)[0, 0])
+                raise CollectionStalled(worst, int(live.step[worst]), float(ev.rel_dE[pos]), int(fails_in_row[worst]),
+                                        _concat(blocks, live), live)
+            optimizer.zero_grad(set_to_none=True)
+            select_loss(ev.loss, ok, cfg.loss.on).mean().backward()
+            optimizer.step()
+            retrain += 1
+    rows = _concat(blocks, live)
+    wall = time.perf_counter() - start
+    dt = rows.dt
+    metrics = {
+        "collect_accepted": len(rows),
+        "collect_tries": tries,
+        "collect_pass_rate": len(rows) / tries if tries else 0.0,
+        "collect_retrain_iterations": retrain,
+        "collect_dt_mean": float(dt.mean()),
+        "collect_dt_median": float(dt.median()),
+        "collect_dt_min": float(dt.min()),
+        "collect_dt_max": float(dt.max()),
+        "collect_rel_dE_mean": float(rows.rel_dE.mean()),
+        "collect_rel_dE_max": float(rows.rel_dE.max()),
+        "collect_wall_s": wall,
+        "collect_steps_per_s": len(rows) / wall if wall > 0 else 0.0,
+    }
+    return rows, live, metrics
+
+
+def _concat(blocks: list[Rows], live: LiveCollection) -> Rows:
+    s = live.state
+    return Rows.cat(blocks) if blocks else Rows.empty(s.num_bodies, s.dim, s.dtype)

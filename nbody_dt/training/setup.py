@@ -1,0 +1,112 @@
+"""Everything a run starts from: seeded initial conditions, network, optimizer, live collection,
+and the checkpoint payload (plain tensors, numbers and strings) that restores them exactly."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nbody_dt.config import Config
+from nbody_dt.model.history import History
+from nbody_dt.model.network import DtNetwork
+from nbody_dt.physics import initial_conditions as ics
+from nbody_dt.physics.state import State
+from nbody_dt.training.collect import LiveCollection
+
+
+def initial_states(cfg: Config) -> State:
+    """The training systems the config describes, in the run's dtype."""
+    ic, dtype, dim = cfg.initial_conditions, cfg.torch_dtype, cfg.physics.dim
+    if ic.kind == "kepler":
+        state, _ = ics.kepler_ensemble(ic.num_orbits, tuple(ic.e_range), tuple(ic.a_range), ic.seed, ic.m1, ic.m2,
+                                       cfg.physics.G, ic.start, dim, dtype)
+        return state
+    if ic.kind == "plummer":
+        return ics.plummer_sphere(ic.n_bodies, ic.seed, ic.num_orbits, dim, dtype)
+    if ic.kind == "figure8":
+        return ics.figure_eight(dim, dtype)
+    return ics.pythagorean(dim, dtype)
+
+
+def make_optimizer(cfg: Config, model: DtNetwork) -> torch.optim.Optimizer:
+    opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer.name]
+    return opt(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Training:
+    """The mutable training objects of a run: network, optimizer and live collection."""
+
+    model: DtNetwork
+    optimizer: torch.optim.Optimizer
+    live: LiveCollection
+
+
+def start_training(cfg: Config) -> Training:
+    """A fresh run: seed, build the systems and the network, derive normalization once."""
+    seed_everything(cfg.seed)
+    state = initial_states(cfg).to(device=cfg.device)
+    model = DtNetwork.from_config(cfg, state.num_bodies).to(cfg.device)
+    if cfg.model.normalization == "initial":
+        model.set_scales(state)
+    return Training(model, make_optimizer(cfg, model), LiveCollection.start(state, cfg.model.history_len))
+
+
+def snapshot(training: Training, cfg: Config) -> dict:
+    """A checkpoint payload: weights, optimizer, live collection, RNG states and the config."""
+    live = training.live
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "config": cfg.to_dict(),
+        "model": training.model.state_dict(),
+        "optimizer": training.optimizer.state_dict(),
+        "live": {
+            "position": live.state.position, "velocity": live.state.velocity, "mass": live.state.mass,
+            "history_position": live.history.position, "history_velocity": live.history.velocity,
+            "history_valid": live.history.valid, "time": live.time, "step": live.step,
+        },
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": [py_state[0], list(py_state[1]), py_state[2]],
+        },
+    }
+
+
+def restore(payload: dict, cfg: Config) -> Training:
+    """Rebuild the training objects of a snapshot, RNG states included (bit-for-bit resume)."""
+    live_d = payload["live"]
+    state = State(live_d["position"], live_d["velocity"], live_d["mass"]).to(device=cfg.device)
+    model = DtNetwork.from_config(cfg, state.num_bodies).to(cfg.device)
+    model.load_state_dict(payload["model"])
+    optimizer = make_optimizer(cfg, model)
+    optimizer.load_state_dict(payload["optimizer"])
+    history = History(live_d["history_position"], live_d["history_velocity"], live_d["history_valid"]).to(cfg.device)
+    live = LiveCollection(state, history, live_d["time"].to(cfg.device), live_d["step"].to(cfg.device))
+    rng = payload["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    kind, key, *rest = rng["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    return Training(model, optimizer, live)
+
+
+def load_model(payload: dict, cfg: Config) -> DtNetwork:
+    """Only the network of a checkpoint payload (for simulation), in eval mode."""
+    model = DtNetwork.from_config(cfg, payload["live"]["mass"].shape[1]).to(cfg.device)
+    model.load_state_dict(payload["model"])
+    return model.eval()
