@@ -121,10 +121,131 @@ def cmd_simulate(args) -> int:
 
 
 def _load_learned(source: str):
-    """(model, criteria) from a checkpoint file or a run URL."""
-    from nbody_dt.checkpoint_io import load_policy
+    """(model, criteria) from a checkpoint file or a run URL (its newest intact checkpoint)."""
+    import torch
 
-    return load_policy(source)
+    from nbody_dt.config import from_dict
+    from nbody_dt.model.evaluate import StepCriteria
+    from nbody_dt.storage import Run, load_latest_checkpoint
+    from nbody_dt.training.setup import load_model
+
+    if Path(source).is_file():
+        try:
+            payload = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UsageError(f"--checkpoint {source}: not a readable nbody-dt checkpoint ({exc})") from None
+    else:
+        with Run.open(source, write=False) as run:
+            latest = load_latest_checkpoint(run)
+        if latest is None:
+            raise UsageError(f"--checkpoint {source}: the run has no checkpoint yet")
+        payload = latest[2]
+    if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
+        raise UsageError(f"--checkpoint {source}: not an nbody-dt checkpoint (no config or model)")
+    cfg = from_dict({**payload["config"], "device": "cpu"})
+    return load_model(payload, cfg), StepCriteria.from_config(cfg)
+
+
+def _prepare_prefect() -> None:
+    """Quiet, robust defaults for Prefect's ephemeral server in a terminal session."""
+    import os
+
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+class _ProgressBar:
+    """One terminal line per epoch: stage, accepted steps and replay status."""
+
+    def __init__(self, epochs: int, stream=sys.stderr):
+        self.epochs, self.stream = epochs, stream
+        self.tty = stream.isatty()
+
+    def __call__(self, event: dict) -> None:
+        epoch, stage = event["epoch"], event["stage"]
+        done = epoch + (1 if stage == "epoch" else 0)
+        width = 24
+        filled = int(width * done / max(1, self.epochs))
+        bar = "#" * filled + "-" * (width - filled)
+        detail = {
+            "collect": lambda e: f"collected {e.get('collect_accepted')} steps "
+                                 f"(pass rate {e.get('collect_pass_rate', 0):.2f})",
+            "persist": lambda e: f"stored {e.get('persist_total_rows')} rows",
+            "replay": lambda e: f"replay {'converged' if e.get('replay_converged') else 'capped'} after "
+                                f"{e.get('replay_iterations')} it (pass rate {e.get('replay_final_pass_rate', 0):.3f})",
+            "epoch": lambda e: f"epoch done in {e.get('epoch_wall_s', 0):.1f} s",
+        }[stage](event)
+        line = f"[{bar}] epoch {epoch + 1}/{self.epochs} {stage:<8} {detail}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if stage == "epoch" else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _run_training(args, mode: str) -> int:
+    _prepare_prefect()
+    from nbody_dt.flows.training import TrainingFailed, default_run_url, resolve_config, train
+    from nbody_dt.tasks import runtime
+
+    run_url = args.run_dir if mode == "create" else args.run
+    if mode == "create":
+        run_url = run_url or default_run_url()
+        epochs = resolve_config(None, args.config, args.set).epochs
+    else:
+        epochs = _stored_epochs(run_url, args.set)
+    bar = None if args.json else _ProgressBar(epochs)
+    if bar:
+        runtime.add_listener(bar)
+    try:
+        summary = train(run_url=run_url, config_path=getattr(args, "config", None), overrides=args.set, mode=mode,
+                        break_lock=args.break_lock)
+    except TrainingFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if bar:
+            runtime.remove_listener(bar)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"run: {summary['run_url']}  ({summary['epochs_completed']} epochs, {summary['rows_stored']} rows, "
+              f"replay converged in {summary['replay_converged']} epochs, final pass rate "
+              f"{summary['final_pass_rate']}, {summary['wall_s']:.1f} s)")
+        print(f"latest checkpoint: {summary['latest_checkpoint']}")
+        print("try the model:")
+        print(f"  nbody-dt simulate --policy learned --checkpoint {summary['run_url']} --ic kepler --e 0.9 --periods 10")
+    return 0
+
+
+def _stored_epochs(run_url: str, overrides: list[str]) -> int:
+    from nbody_dt.config import apply_overrides, from_dict
+    from nbody_dt.storage import Run
+
+    with Run.open(run_url, write=False) as run:
+        return from_dict(apply_overrides(run.config.to_dict(), overrides)).epochs
+
+
+def cmd_train(args) -> int:
+    return _run_training(args, "create")
+
+
+def cmd_resume(args) -> int:
+    return _run_training(args, "resume")
+
+
+def cmd_report(args) -> int:
+    from nbody_dt.storage.report import report_dict, report_table, write_plots
+
+    if args.json:
+        print(json.dumps(report_dict(args.run)))
+    else:
+        print(report_table(args.run))
+    if args.plots:
+        for path in write_plots(args.run, args.plots):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
 
 
 def cmd_config(args) -> int:
@@ -141,6 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nbody-dt", description="Learned integration timesteps for gravitational N-body systems.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_simulate(sub)
+    t = sub.add_parser("train", help="train a new run (the embedded default config unless --config/--set)")
+    t.add_argument("--config", help="TOML config file (default: the embedded default, docs/CONFIG.md)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, e.g. replay.batch_size=256 (repeatable)")
+    t.add_argument("--run-dir", help="run URL: a local path or fsspec URL such as s3://bucket/run "
+                                     "(default ./runs/run-<time>)")
+    t.add_argument("--json", action="store_true", help="print one JSON object at the end, no progress bar")
+    t.add_argument("--break-lock", action="store_true", help=argparse.SUPPRESS)
+    r = sub.add_parser("resume", help="continue a run from its last completed stage")
+    r.add_argument("run", help="run URL")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="resume-safe overrides only, e.g. epochs=20 (docs/CONFIG.md)")
+    r.add_argument("--json", action="store_true", help="print one JSON object at the end, no progress bar")
+    r.add_argument("--break-lock", action="store_true",
+                   help="take over the writer lock left by a dead process")
+    rep = sub.add_parser("report", help="per-epoch metrics of a run as a table, JSON or plots")
+    rep.add_argument("run", help="run URL")
+    rep.add_argument("--json", action="store_true", help="print one JSON object")
+    rep.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR")
     c = sub.add_parser("config", help="print the validated config (or the reference of every default)")
     c.add_argument("--config", help="TOML file (default: the embedded default)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
@@ -148,16 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"simulate": cmd_simulate, "config": cmd_config}
+COMMANDS = {"simulate": cmd_simulate, "train": cmd_train, "resume": cmd_resume, "report": cmd_report,
+            "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
     from nbody_dt.config import ConfigError
+    from nbody_dt.storage.errors import RunError
 
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, ConfigError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -1,0 +1,1 @@
+"""Prefect flows: the epoch loop with resume logic, and deployments."""

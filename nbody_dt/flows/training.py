@@ -1,0 +1,173 @@
+"""The `train` flow: open or create a run, find where it stands, and run the remaining stages
+collect -> persist -> replay -> epoch of every remaining epoch.
+
+The CLI (`nbody-dt train`, `nbody-dt resume`), Prefect deployments and the Docker image all
+run this one flow. A failure is re-raised as TrainingFailed naming the run and the command
+that continues it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
+    update_progress_artifact
+
+from nbody_dt import config as config_mod
+from nbody_dt.config import Config
+from nbody_dt.storage import Run, completed, is_done, list_checkpoints, read_metrics
+from nbody_dt.storage.errors import RunError
+from nbody_dt.storage.run import stage_key
+from nbody_dt.tasks import runtime, stages
+from nbody_dt.training.dask_evaluator import make_evaluator
+
+STAGE_TASKS = {"collect": stages.collect, "persist": stages.persist, "replay": stages.replay,
+               "epoch": stages.finish_epoch}
+ORDER = ("collect", "persist", "replay", "epoch")
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped with an error; the message names the run and how to resume it."""
+
+
+def default_run_url() -> str:
+    """./runs/<timestamp>: a fresh local run directory."""
+    return str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"))
+
+
+def resolve_config(config: dict | None, config_path: str | None, overrides: list[str] | None) -> Config:
+    if config is not None:
+        return config_mod.from_dict(config_mod.apply_overrides(config, overrides or []))
+    return config_mod.load(config_path, overrides or [])
+
+
+def _remaining(run: Run, point: tuple[int, str] | None, epochs: int) -> list[tuple[int, str]]:
+    """Stages still to run after the resume point; persist and epoch also skip when the ledger has them."""
+    todo = []
+    for epoch in range(epochs):
+        for stage in ORDER:
+            if point is not None and (epoch, ORDER.index(stage)) <= (point[0], ORDER.index(point[1])):
+                continue
+            if stage in ("persist", "epoch") and is_done(run, epoch, stage):
+                continue
+            todo.append((epoch, stage))
+    return todo
+
+
+def _run_config(run_url: str, config: dict | None, config_path: str | None, overrides: list[str] | None,
+                mode: str) -> Config:
+    """The config to run with: the given one, else (existing run) the stored one plus overrides,
+    else the embedded default plus overrides."""
+    if config is None and config_path is None and mode != "create":
+        try:
+            with Run.open(run_url, write=False) as stored:
+                config = stored.config.to_dict()
+        except RunError:
+            if mode == "resume":
+                raise
+    return resolve_config(config, config_path, overrides)
+
+
+def open_run(run_url: str, cfg: Config, mode: str, break_lock: bool) -> Run:
+    """mode 'create': a new run; 'resume': an existing one; 'auto': whichever applies."""
+    if mode == "create":
+        return Run.create(run_url, cfg)
+    if mode == "resume":
+        return Run.open(run_url, cfg, break_lock=break_lock)
+    try:
+        return Run.open(run_url, cfg, break_lock=break_lock)
+    except RunError:
+        if _exists(run_url):
+            raise
+        return Run.create(run_url, cfg)
+
+
+def _exists(run_url: str) -> bool:
+    try:
+        Run.open(run_url, write=False).close()
+        return True
+    except RunError:
+        return False
+
+
+@flow(name="nbody-dt-train", log_prints=True)
+def train(run_url: str = "", config: dict | None = None, config_path: str | None = None,
+          overrides: list[str] | None = None, mode: str = "auto", break_lock: bool = False) -> dict:
+    """Train (or continue training) the run at run_url; returns the run summary.
+
+    config: a config dict, or config_path + overrides (TOML file, dotted key=value); none of
+    them on an existing run means its stored config. Resume-safe keys (epochs, compute, ...)
+    may change on resume; any other difference is refused.
+    """
+    start = time.perf_counter()
+    run_url = run_url or default_run_url()
+    cfg = _run_config(run_url, config, config_path, overrides, mode)
+    # Reach the evaluator (e.g. a remote Dask scheduler) before anything is written to the run.
+    evaluator = make_evaluator(cfg)
+    try:
+        run = open_run(run_url, cfg, mode, break_lock)
+    except BaseException:
+        evaluator.close()
+        raise
+    runtime.register(run, evaluator)
+    stage = (None, None)
+    try:
+        run_id = run.created
+        point = stages.resume_point(run.url)
+        todo = _remaining(run, point, run.config.epochs)
+        progress_id = create_progress_artifact(progress=0.0, description=f"nbody-dt training of {run.url}")
+        for epoch, name in todo:
+            stage = (epoch, name)
+            STAGE_TASKS[name](run.url, run_id, epoch)
+            if name == "epoch":
+                _publish_epoch(run, progress_id, epoch)
+        summary = summarize(run, time.perf_counter() - start)
+        create_markdown_artifact(markdown=_summary_markdown(summary), key="nbody-dt-summary",
+                                 description="nbody-dt training summary")
+        return summary
+    except Exception as exc:
+        where = f" at epoch {stage[0]} stage {stage[1]}" if stage[0] is not None else ""
+        raise TrainingFailed(f"training failed{where}: {type(exc).__name__}: {exc}. The run is at {run.url}; "
+                             f"continue it with: nbody-dt resume {run.url}") from exc
+    finally:
+        runtime.release(run.url)
+        run.close()
+        evaluator.close()
+
+
+def _publish_epoch(run: Run, progress_id, epoch: int) -> None:
+    """Progress and the per-epoch metrics table as Prefect artifacts."""
+    update_progress_artifact(progress_id, 100.0 * (epoch + 1) / run.config.epochs)
+    rows = [r for r in read_metrics(run) if r["stage"] == "epoch"]
+    keys = ("epoch", "collect_accepted", "collect_pass_rate", "collect_retrain_iterations", "collect_dt_median",
+            "replay_iterations", "replay_converged", "replay_final_pass_rate", "epoch_wall_s")
+    table = [{k: r.get(k) for k in keys} for r in rows]
+    create_table_artifact(table=table, key="nbody-dt-epochs", description=f"per-epoch metrics of {run.url}")
+
+
+def summarize(run: Run, wall_s: float) -> dict:
+    """The one-object result of a training run."""
+    epochs = sorted(e for e, s in completed(run) if s == "epoch")
+    records = {r["epoch"]: r for r in read_metrics(run) if r["stage"] == "epoch"}
+    last = records[epochs[-1]] if epochs else {}
+    ckpts = list_checkpoints(run)
+    latest = f"{run.url}/checkpoints/{stage_key(*ckpts[-1])}.pt" if ckpts else None
+    return {
+        "run_url": run.url,
+        "epochs_completed": len(epochs),
+        "epochs": run.config.epochs,
+        "rows_stored": run.trajectory.num_rows,
+        "replay_converged": int(sum(r.get("replay_converged", 0) for r in records.values())),
+        "final_pass_rate": last.get("replay_final_pass_rate"),
+        "wall_s": wall_s,
+        "latest_checkpoint": latest,
+    }
+
+
+def _summary_markdown(summary: dict) -> str:
+    lines = ["# nbody-dt training summary", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary.items()]
+    lines += ["", f"Try the model: `nbody-dt simulate --policy learned --checkpoint {summary['run_url']}`"]
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""The four stages of an epoch as Prefect tasks: collect, persist, replay, epoch.
+
+Each task starts from storage (the latest intact checkpoint, the trajectory) and ends by
+writing its results to storage: its checkpoint (collect, replay), its metrics record, then
+its ledger mark. So a process killed anywhere resumes from the last completed stage, and an
+uninterrupted run goes through exactly the same save/restore path as a resumed one.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from nbody_dt.faults import crash_point
+from nbody_dt.storage import (
+    is_done,
+    load_latest_checkpoint,
+    mark_done,
+    read_metrics,
+    save_checkpoint,
+    write_metrics,
+)
+from nbody_dt.storage.errors import RunError
+from nbody_dt.tasks import runtime
+from nbody_dt.training.collect import collect_trajectory
+from nbody_dt.training.replay import generalize_on_trajectory
+from nbody_dt.training.setup import Training, restore, snapshot, start_training
+from nbody_dt.training.trajectory import Rows
+
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EBUSY}
+
+
+def _transient_io(task_, task_run, state) -> bool:
+    """Retry only I/O that may succeed a moment later (network, object store hiccups)."""
+    try:
+        state.result()
+    except (ConnectionError, TimeoutError):
+        return True
+    except OSError as exc:
+        return exc.errno in _TRANSIENT_ERRNOS
+    except Exception:
+        return False
+    return False
+
+
+def _stage_cache_key(stage: str):
+    """Cache key from (run, epoch, stage) and the flow run: a retried flow run skips completed
+    stages; a new flow run re-derives its plan from storage instead."""
+
+    def key(context: TaskRunContext, parameters: dict) -> str:
+        flow_run = context.task_run.flow_run_id if context and context.task_run else "none"
+        return f"nbody-dt/{parameters['run_id']}/{flow_run}/e{parameters['epoch']}/{stage}"
+
+    return key
+
+
+def _stage_task(stage: str):
+    return task(name=f"{stage}", cache_key_fn=_stage_cache_key(stage), retries=2, retry_delay_seconds=2,
+                retry_condition_fn=_transient_io, task_run_name=f"{stage}-e{{epoch}}")
+
+
+def _training_state(url: str) -> tuple[Training, dict | None]:
+    """The training objects of the newest intact checkpoint (or a fresh start) and its payload."""
+    run = runtime.run(url)
+    latest = load_latest_checkpoint(run, map_location=run.config.device)
+    if latest is None:
+        return start_training(run.config), None
+    return restore(latest[2], run.config), latest[2]
+
+
+def _finish(url: str, epoch: int, stage: str, metrics: dict) -> dict:
+    run = runtime.run(url)
+    write_metrics(run, epoch, stage, metrics)
+    mark_done(run, epoch, stage)
+    runtime.notify({"epoch": epoch, "stage": stage, **metrics})
+    return metrics
+
+
+@_stage_task("collect")
+def collect(run_url: str, run_id: str, epoch: int) -> dict:
+    """Part 1 from the latest checkpoint; checkpoint the trained network, the new live states and
+    the accepted rows (pending until persisted)."""
+    run = runtime.run(run_url)
+    training, _ = _training_state(run_url)
+    rows, training.live, metrics = collect_trajectory(training.model, training.optimizer, training.live, run.config,
+                                                      epoch)
+    crash_point("collect", epoch)
+    payload = snapshot(training, run.config)
+    payload["pending_rows"] = {k: v.cpu() for k, v in rows.as_dict().items()}
+    payload["metrics"] = metrics
+    save_checkpoint(run, epoch, "collect", payload)
+    return _finish(run_url, epoch, "collect", metrics)
+
+
+@_stage_task("persist")
+def persist(run_url: str, run_id: str, epoch: int) -> dict:
+    """Append the epoch's rows from the collect checkpoint to the trajectory store (idempotent)."""
+    run = runtime.run(run_url)
+    start = time.perf_counter()
+    latest = load_latest_checkpoint(run)
+    if latest is None or latest[:2] != (epoch, "collect"):
+        found = "none" if latest is None else f"epoch {latest[0]} {latest[1]}"
+        raise RunError(f"run {run.url}: persist of epoch {epoch} needs that epoch's collect checkpoint, found {found}")
+    rows = Rows(**latest[2]["pending_rows"])
+    total = run.trajectory.append(rows, epoch)
+    wall = time.perf_counter() - start
+    metrics = {"persist_rows": len(rows), "persist_total_rows": total, "persist_wall_s": wall,
+               "persist_rows_per_s": len(rows) / wall if wall > 0 else 0.0}
+    return _finish(run_url, epoch, "persist", metrics)
+
+
+@_stage_task("replay")
+def replay(run_url: str, run_id: str, epoch: int) -> dict:
+    """Part 2 over the stored replay window, from the collect checkpoint; checkpoint the result."""
+    run = runtime.run(run_url)
+    cfg = run.config
+    crash_point("persist-replay", epoch)
+    training, _ = _training_state(run_url)
+    window = run.trajectory.window(cfg.replay.window, epoch=epoch, last_rows=cfg.replay.last_rows,
+                                   history_len=cfg.model.history_len)
+    _, _, metrics = generalize_on_trajectory(training.model, window, training.optimizer, cfg,
+                                             runtime.evaluator(run_url))
+    crash_point("replay", epoch)
+    payload = snapshot(training, cfg)
+    payload["metrics"] = metrics
+    save_checkpoint(run, epoch, "replay", payload)
+    return _finish(run_url, epoch, "replay", metrics)
+
+
+@_stage_task("epoch")
+def finish_epoch(run_url: str, run_id: str, epoch: int) -> dict:
+    """The epoch's one flat metrics record (collect, persist and replay figures), then its ledger mark."""
+    run = runtime.run(run_url)
+    merged: dict = {}
+    for record in read_metrics(run):
+        if record["epoch"] == epoch and record["stage"] != "epoch":
+            merged.update({k: v for k, v in record.items() if k not in ("epoch", "stage")})
+    merged["epoch_wall_s"] = sum(merged.get(k, 0.0) for k in ("collect_wall_s", "persist_wall_s", "replay_wall_s"))
+    merged["rows_stored"] = run.trajectory.num_rows
+    return _finish(run_url, epoch, "epoch", merged)
+
+
+def resume_point(run_url: str) -> tuple[int, str] | None:
+    """(epoch, stage) of the newest intact checkpoint, the point a (re)started flow continues from.
+
+    A checkpoint is committed before its ledger mark; if the process died in between, its
+    metrics record and mark are written now from the copy the checkpoint carries.
+    """
+    run = runtime.run(run_url)
+    latest = load_latest_checkpoint(run)
+    if latest is None:
+        return None
+    epoch, stage, payload = latest
+    if not is_done(run, epoch, stage):
+        _finish(run_url, epoch, stage, payload["metrics"])
+    return epoch, stage
