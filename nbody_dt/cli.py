@@ -248,6 +248,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    _prepare_prefect()
+    from nbody_dt.config import load
+    from nbody_dt.flows.deploy import serve
+
+    if (args.cron is None) == (args.interval is None):
+        raise UsageError("deploy: give exactly one of --cron EXPR or --interval SECONDS")
+    load(args.config, args.set)  # validate before serving: a bad config fails here, not at 3 a.m.
+    if args.cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=args.cron)
+        except ValueError:
+            raise UsageError(f"deploy: --cron {args.cron!r} is not a valid cron expression") from None
+    serve(args.run_dir, args.config, args.set, cron=args.cron, interval=args.interval)
+    return 0
+
+
 def cmd_config(args) -> int:
     from nbody_dt import config
 
@@ -281,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run", help="run URL")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR")
+    d = sub.add_parser("deploy", help="serve the training flow on a schedule from this process (flow.serve)")
+    d.add_argument("--cron", help="cron schedule, e.g. '0 3 * * *'")
+    d.add_argument("--interval", type=_positive("--interval"), help="schedule every SECONDS")
+    d.add_argument("--config", help="TOML config file (default: the embedded default)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
+    d.add_argument("--run-dir", default="runs/scheduled", help="run URL every scheduled run continues "
+                                                                "(default runs/scheduled)")
     c = sub.add_parser("config", help="print the validated config (or the reference of every default)")
     c.add_argument("--config", help="TOML file (default: the embedded default)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
@@ -289,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"simulate": cmd_simulate, "train": cmd_train, "resume": cmd_resume, "report": cmd_report,
-            "config": cmd_config}
+            "deploy": cmd_deploy, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
