@@ -1,0 +1,92 @@
+"""Checkpoints at stage boundaries: checksummed, committed by a sidecar, pruned to the last K.
+
+`checkpoints/<stage_key>.pt` is a `torch.save` of the payload (loadable with weights_only=True);
+`<stage_key>.pt.json`, written after it, holds its sha256 and size and is the commit marker: a
+checkpoint without it does not exist. Names sort by (epoch, stage order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import warnings
+
+import torch
+
+from nbody_dt.faults import crash_point
+from nbody_dt.storage.run import Run, now_iso, parse_stage_key, stage_key
+
+FOLDER = "checkpoints"
+SIDECAR = ".json"
+
+
+def save_checkpoint(run: Run, epoch: int, stage: str, payload: dict) -> str:
+    """Store `payload` (nested dicts/lists of tensors, numbers, strings) as the (epoch, stage)
+    checkpoint, then prune to `storage.keep_checkpoints`. Returns its object name.
+
+    A payload that `torch.load(weights_only=True)` could not read back is refused (ValueError)
+    before anything is written.
+    """
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"checkpoint payload is not loadable with weights_only=True: {exc}") from None
+    name = stage_key(epoch, stage) + ".pt"
+    run.remove(f"{FOLDER}/{name}{SIDECAR}")  # uncommit an older copy before replacing its data
+    run.write_bytes(f"{FOLDER}/{name}", data)
+    crash_point("checkpoint-write", epoch)  # restart tests: die with the data written, not committed
+    sidecar = {"epoch": epoch, "stage": stage, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+               "created": now_iso()}
+    run.write_bytes(f"{FOLDER}/{name}{SIDECAR}", json.dumps(sidecar).encode())
+    _prune(run, run.config.storage.keep_checkpoints)
+    return name
+
+
+def list_checkpoints(run: Run) -> list[tuple[int, str]]:
+    """(epoch, stage) of the committed checkpoints, oldest first."""
+    return [(e, s) for e, s, _ in _committed(run)]
+
+
+def load_latest_checkpoint(run: Run, map_location="cpu") -> tuple[int, str, dict] | None:
+    """(epoch, stage, payload) of the newest intact checkpoint, or None if there is none.
+
+    A checkpoint whose data is missing, fails its checksum or cannot be loaded is skipped with a
+    warning naming it, and the previous one is tried.
+    """
+    for epoch, stage, name in reversed(_committed(run)):
+        where = f"{run.url}/{FOLDER}/{name}"
+        try:
+            sidecar = json.loads(run.read_bytes(f"{FOLDER}/{name}{SIDECAR}"))
+            data = run.read_bytes(f"{FOLDER}/{name}")
+            if hashlib.sha256(data).hexdigest() != sidecar["sha256"]:
+                raise ValueError("sha256 checksum mismatch")
+            payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as exc:
+            warnings.warn(f"checkpoint {where} is unusable ({exc}); falling back to the previous one", stacklevel=2)
+            continue
+        return epoch, stage, payload
+    return None
+
+
+def _committed(run: Run) -> list[tuple[int, str, str]]:
+    """(epoch, stage, data object name) of every checkpoint whose commit sidecar exists, oldest first."""
+    out = []
+    for name in run.listdir(FOLDER):
+        key = parse_stage_key(name)
+        if key is not None and key[2] == ".pt" + SIDECAR:
+            out.append((key[0], key[1], name.removesuffix(SIDECAR)))
+    return out  # listdir is sorted, and stage keys sort by (epoch, stage order)
+
+
+def _prune(run: Run, keep: int) -> None:
+    """Delete everything in the folder but the newest `keep` committed checkpoints (sidecars first,
+    so an interrupted prune leaves uncommitted data, never a commit without data)."""
+    kept = {name for _, _, name in _committed(run)[-keep:]}
+    doomed = [n for n in run.listdir(FOLDER) if n.removesuffix(SIDECAR) not in kept]
+    for name in sorted(doomed, key=lambda n: not n.endswith(SIDECAR)):
+        run.remove(f"{FOLDER}/{name}")

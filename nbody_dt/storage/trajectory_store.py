@@ -1,0 +1,283 @@
+"""The trajectory as Zarr v3 arrays growing along the row axis, and replay windows over it.
+
+Arrays: position, velocity (R, N, D); mass (R, N); dt, time, energy, rel_dE (R,) in the run's
+float dtype; orbit, step, epoch, prev (R,) int64; warmup (R,) bool. Blosc/zstd compressed,
+`chunk_rows` rows per chunk, no sharding (a shard is rewritten whole on every append).
+
+Crash safety: an append resizes and writes every array first and then commits with one write
+of the group attributes: the committed row count, each orbit's last row (for the next prev
+links) and the row range of every committed epoch. Readers use only committed rows and never
+trust array shapes; a writer trims rows beyond the commit when it opens the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.core.sync import sync
+
+from nbody_dt.physics.state import State
+from nbody_dt.storage.errors import RunError, one_line
+from nbody_dt.training.trajectory import (
+    FLOAT_COLUMNS,
+    INT_COLUMNS,
+    Minibatch,
+    Rows,
+    link_previous,
+    minibatch_from_arrays,
+)
+
+COMMIT_ATTR = "nbody_dt_commit"
+ROW_COLUMNS = ("position", "velocity", "mass", *FLOAT_COLUMNS, *INT_COLUMNS, "warmup")
+COLUMNS = (*ROW_COLUMNS, "prev")
+WINDOWS = ("epoch", "all", "last")
+PAUSE_ENV = "NBODY_DT_TEST_PAUSE_BEFORE_COMMIT"
+_COMPRESSOR = BloscCodec(cname="zstd", clevel=3)
+
+
+def _concurrently(coroutines) -> list:
+    """Run Zarr async array operations together on Zarr's event loop: one round of I/O for all
+    columns instead of one per column (matters most on object stores)."""
+
+    async def run():
+        return await asyncio.gather(*coroutines)
+
+    return sync(run())
+
+
+def _pause_before_commit() -> None:
+    """Test hook: with NBODY_DT_TEST_PAUSE_BEFORE_COMMIT=<path>, create <path> and wait to be killed."""
+    marker = os.environ.get(PAUSE_ENV)
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(3600)
+
+
+class TrajectoryStore:
+    """The committed rows of one run's trajectory.zarr. A read-only store is a snapshot taken at open."""
+
+    def __init__(self, group: zarr.Group | None, dtype: torch.dtype, chunk_rows: int, writable: bool,
+                 where: str, commit: dict):
+        self.where = where
+        self.writable = writable
+        self._group = group
+        self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        self._chunk_rows = chunk_rows
+        self._arrays = {} if group is None else {n: a for n, a in group.arrays() if n in COLUMNS}
+        self._rows: int = commit["rows"]
+        self._last = np.asarray(commit["last_row_of_orbit"], dtype=np.int64)
+        self._epochs: dict[int, tuple[int, int]] = {int(e): (int(a), int(b)) for e, a, b in commit["epochs"]}
+
+    @classmethod
+    def open(cls, store, *, writable: bool, dtype: torch.dtype, chunk_rows: int, where: str) -> TrajectoryStore:
+        """Open the store (a writer also creates it, and trims uncommitted rows); `where` names it in errors."""
+        empty = {"rows": 0, "last_row_of_orbit": [], "epochs": []}
+        try:
+            group = zarr.open_group(store, mode="a" if writable else "r", zarr_format=3)
+        except FileNotFoundError:
+            group = None  # read-only, before the first append created it
+        except Exception as exc:
+            raise RunError(f"corrupt trajectory store {where}: {one_line(exc)}") from exc
+        try:
+            commit = empty if group is None else group.attrs.get(COMMIT_ATTR, empty)
+            out = cls(group, dtype, chunk_rows, writable, where, commit)
+        except Exception as exc:
+            raise RunError(f"corrupt trajectory store {where}: {one_line(exc)}") from exc
+        for name, arr in out._arrays.items():
+            if arr.shape[0] < out._rows:
+                raise RunError(f"corrupt trajectory store {where}: {name} holds {arr.shape[0]} rows, "
+                               f"{out._rows} are committed")
+            if writable and arr.shape[0] > out._rows:
+                arr.resize((out._rows, *arr.shape[1:]))  # drop the rows of an append that never committed
+        return out
+
+    # -- the commit -------------------------------------------------------------------------
+
+    @property
+    def num_rows(self) -> int:
+        """Committed rows."""
+        return self._rows
+
+    def epochs(self) -> dict[int, tuple[int, int]]:
+        """Committed epochs and their row ranges [start, stop)."""
+        return dict(self._epochs)
+
+    def epoch_range(self, epoch: int) -> tuple[int, int]:
+        if epoch not in self._epochs:
+            raise ValueError(f"epoch {epoch} has no committed rows in {self.where}")
+        return self._epochs[epoch]
+
+    def append(self, rows: Rows, epoch: int) -> int:
+        """Append one epoch's rows (all with this epoch) and commit; returns the committed row count.
+
+        Idempotent per epoch: when `epoch` is already committed (a persist re-run after a crash
+        between commit and ledger), nothing is written and the current count is returned.
+        Epochs are appended in increasing order, each in one call.
+        """
+        if not self.writable:
+            raise RunError(f"trajectory store {self.where} is not open for writing")
+        if epoch in self._epochs:
+            return self._rows
+        if self._epochs and epoch < max(self._epochs):
+            raise ValueError(f"epoch {epoch} comes after committed epoch {max(self._epochs)}; epochs are "
+                             "appended in increasing order")
+        cols = self._validated(rows, epoch)
+        start = self._rows
+        stop = start + len(rows)
+        last = np.full(max(len(self._last), int(cols["orbit"].max(initial=-1)) + 1), -1, dtype=np.int64)
+        last[:len(self._last)] = self._last
+        cols["prev"], last = link_previous(cols["orbit"], last, start)
+        if stop > start:
+            arrays = {name: self._array(name, data).async_array for name, data in cols.items()}
+            _concurrently(a.resize((stop, *a.shape[1:])) for a in arrays.values())
+            _concurrently(a.setitem(slice(start, stop), cols[name]) for name, a in arrays.items())
+        _pause_before_commit()
+        epochs = {**self._epochs, epoch: (start, stop)}
+        commit = {"rows": stop, "last_row_of_orbit": last.tolist(),
+                  "epochs": [[e, a, b] for e, (a, b) in sorted(epochs.items())]}
+        self._group.attrs.update({COMMIT_ATTR: commit})
+        self._rows, self._last, self._epochs = stop, last, epochs
+        return stop
+
+    def _validated(self, rows: Rows, epoch: int) -> dict[str, np.ndarray]:
+        """The rows as numpy columns, checked against the run's dtype, shapes and `epoch`."""
+        cols = {name: t.detach().cpu().numpy() for name, t in rows.as_dict().items()}
+        r = len(rows)
+        for name in ("position", "velocity", "mass", *FLOAT_COLUMNS):
+            if cols[name].dtype != self._np_dtype:
+                raise ValueError(f"rows.{name} is {cols[name].dtype}; this run stores {self._np_dtype}")
+        for name in INT_COLUMNS:
+            cols[name] = cols[name].astype(np.int64, copy=False)
+        cols["warmup"] = cols["warmup"].astype(bool, copy=False)
+        pos = cols["position"]
+        if pos.ndim != 3 or cols["velocity"].shape != pos.shape or cols["mass"].shape != pos.shape[:2] or any(
+                cols[n].shape != (r,) for n in (*FLOAT_COLUMNS, *INT_COLUMNS, "warmup")):
+            raise ValueError("rows: position/velocity must be (R, N, D), mass (R, N) and the rest (R,)")
+        if (cols["epoch"] != epoch).any():
+            raise ValueError(f"rows hold epochs {sorted(set(cols['epoch'].tolist()))}, appending epoch {epoch}")
+        if (cols["orbit"] < 0).any():
+            raise ValueError("rows: orbit ids must be >= 0")
+        return cols
+
+    def _array(self, name: str, data: np.ndarray) -> zarr.Array:
+        """The array for column `name`, created on first use with `data`'s trailing shape."""
+        tail = data.shape[1:]
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._group.create_array(name, shape=(0, *tail), chunks=(self._chunk_rows, *tail),
+                                           dtype=data.dtype, compressors=_COMPRESSOR, fill_value=0)
+            self._arrays[name] = arr
+        elif arr.shape[1:] != tail:
+            raise ValueError(f"rows.{name} has per-row shape {tail}; {self.where} holds {arr.shape[1:]}")
+        return arr
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def columns(self, names=COLUMNS, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Committed rows [start, stop) of the named columns (one sequential read per column)."""
+        stop = self._rows if stop is None else stop
+        if not 0 <= start <= stop <= self._rows:
+            raise ValueError(f"rows [{start}, {stop}) are outside the {self._rows} committed rows of {self.where}")
+        present = [name for name in names if name in self._arrays]
+        data = _concurrently(self._arrays[name].async_array.getitem(slice(start, stop)) for name in present)
+        out = dict(zip(present, data, strict=True))
+        return {name: out[name] if name in out else self._empty(name) for name in names}
+
+    def take(self, names, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The named columns at sorted committed row indices (chunk-wise reads)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows[-1] >= self._rows or rows[0] < 0 or (np.diff(rows) <= 0).any()):
+            raise ValueError("take: row indices must be sorted, unique and committed")
+        if not rows.size:
+            return self.columns(names, 0, 0)
+        return {name: self._arrays[name].oindex[rows] for name in names}
+
+    def _empty(self, name: str) -> np.ndarray:
+        """A zero-row column for a store whose arrays do not exist yet (N and D unknown: 0)."""
+        shape = {"position": (0, 0, 0), "velocity": (0, 0, 0), "mass": (0, 0)}.get(name, (0,))
+        dtype = np.int64 if name in (*INT_COLUMNS, "prev") else bool if name == "warmup" else self._np_dtype
+        return np.zeros(shape, dtype=dtype)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> Rows:
+        """Committed rows [start, stop) as Rows."""
+        return Rows(**{k: torch.from_numpy(v) for k, v in self.columns(ROW_COLUMNS, start, stop).items()})
+
+    def epoch_rows(self, epoch: int) -> Rows:
+        """All committed rows of one epoch."""
+        return self.rows(*self.epoch_range(epoch))
+
+    def window(self, kind: str = "all", *, epoch: int | None = None, last_rows: int | None = None,
+               history_len: int = 0) -> StoredWindow:
+        """A ReplaySource: 'epoch' (the rows of `epoch`), 'all', or the 'last' `last_rows` committed rows."""
+        if kind == "all":
+            start, stop = 0, self._rows
+        elif kind == "epoch":
+            if epoch is None:
+                raise ValueError("the 'epoch' window needs epoch=")
+            start, stop = self.epoch_range(epoch)
+        elif kind == "last":
+            if last_rows is None or last_rows < 1:
+                raise ValueError("the 'last' window needs last_rows >= 1")
+            start, stop = max(0, self._rows - last_rows), self._rows
+        else:
+            raise ValueError(f"unknown window {kind!r} (expected one of {', '.join(WINDOWS)})")
+        return StoredWindow(self, start, stop, history_len)
+
+
+class StoredWindow:
+    """ReplaySource over committed rows [start, stop), warm-up rows excluded.
+
+    Reads the window once (one sequential read per column) plus the few rows before `start` that
+    history windows reach (at most history_len per orbit), so `gather` never touches storage.
+    Gathers equal InMemoryTrajectory's for the same rows.
+    """
+
+    def __init__(self, store: TrajectoryStore, start: int, stop: int, history_len: int):
+        self.start, self.stop, self.history_len = start, stop, history_len
+        cols = store.columns(("position", "velocity", "mass", "prev", "warmup"), start, stop)
+        before = _rows_reached_before(store, cols["prev"], start, history_len)
+        extra = store.take(("position", "velocity", "mass", "prev"), before)
+        table = {k: np.concatenate([cols[k], extra[k]]) for k in ("position", "velocity", "mass")}
+        self._table = State(*(torch.from_numpy(table[k]) for k in ("position", "velocity", "mass")))
+        self._prev = _local_links(np.concatenate([cols["prev"], extra["prev"]]), start, stop, before)
+        self._replayable = np.nonzero(~cols["warmup"])[0]
+
+    def __len__(self) -> int:
+        return len(self._replayable)
+
+    def gather(self, positions: torch.Tensor) -> Minibatch:
+        local = self._replayable[np.asarray(positions, dtype=np.int64)]
+        mb = minibatch_from_arrays(local, self._table, self._prev, self.history_len)
+        return Minibatch(mb.state, mb.history, mb.rows + self.start)
+
+
+def _rows_reached_before(store: TrajectoryStore, prev: np.ndarray, start: int, history_len: int) -> np.ndarray:
+    """Sorted rows before `start` within history_len prev-hops of the window rows (whose links are `prev`)."""
+    found = np.zeros(0, dtype=np.int64)
+    level = np.unique(prev[(prev >= 0) & (prev < start)])
+    for _ in range(history_len):
+        if not level.size:
+            break
+        found = np.union1d(found, level)
+        up = store.take(("prev",), level)["prev"]
+        level = np.setdiff1d(up[up >= 0], found)
+    return found
+
+
+def _local_links(prev: np.ndarray, start: int, stop: int, before: np.ndarray) -> np.ndarray:
+    """Global prev links -> indices into the loaded table (window rows, then `before`); -1 where not loaded."""
+    out = np.full_like(prev, -1)
+    inside = prev >= start
+    out[inside] = prev[inside] - start
+    if len(before):
+        pos = np.minimum(np.searchsorted(before, prev), len(before) - 1)
+        hit = ~inside & (before[pos] == prev)
+        out[hit] = (stop - start) + pos[hit]
+    return out

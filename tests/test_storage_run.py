@@ -1,0 +1,149 @@
+"""Run metadata, config checks on resume, the writer lock, and bad run URLs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from storage_fixtures import make_rows, small_config
+
+from nbody_dt import __version__
+from nbody_dt.storage import Run, RunError
+from nbody_dt.storage.run import SCHEMA_VERSION
+
+
+def one_line_error(excinfo, *fragments):
+    text = str(excinfo.value)
+    assert "\n" not in text
+    for fragment in fragments:
+        assert fragment in text
+    return text
+
+
+def test_create_records_config_version_and_time(tmp_path):
+    cfg = small_config()
+    with Run.create(tmp_path / "run", cfg) as run:
+        assert run.writable and run.config == cfg
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert meta["config"] == cfg.to_dict()
+    assert meta["package_version"] == __version__
+    assert meta["schema_version"] == SCHEMA_VERSION
+    assert meta["created"]
+    assert not (tmp_path / "run" / "lock.json").exists()
+
+
+def test_create_where_a_run_exists_mentions_resume(tmp_path):
+    Run.create(tmp_path / "run", small_config()).close()
+    before = (tmp_path / "run" / "run.json").read_bytes()
+    with pytest.raises(RunError) as excinfo:
+        Run.create(tmp_path / "run", small_config("seed=3"))
+    one_line_error(excinfo, "already exists", "resume")
+    assert (tmp_path / "run" / "run.json").read_bytes() == before
+
+
+def test_open_with_changed_config_lists_keys_and_changes_nothing(tmp_path):
+    Run.create(tmp_path / "run", small_config()).close()
+    before = (tmp_path / "run" / "run.json").read_bytes()
+    with pytest.raises(RunError) as excinfo:
+        Run.open(tmp_path / "run", small_config("seed=3", "model.hidden=[8]", "epochs=40"))
+    text = one_line_error(excinfo, "seed", "model.hidden")
+    assert "epochs (" not in text
+    assert (tmp_path / "run" / "run.json").read_bytes() == before
+    assert not (tmp_path / "run" / "lock.json").exists()
+
+
+def test_resume_safe_keys_may_change_and_are_stored(tmp_path):
+    Run.create(tmp_path / "run", small_config()).close()
+    new = small_config("epochs=40", "storage.keep_checkpoints=7", "compute.evaluator='dask'")
+    with Run.open(tmp_path / "run", new) as run:
+        assert run.config == new
+    with Run.open(tmp_path / "run", write=False) as run:
+        assert run.config == new
+
+
+def test_second_writer_refused_reader_allowed(tmp_path):
+    with Run.create(tmp_path / "run", small_config()) as writer:
+        with pytest.raises(RunError) as excinfo:
+            Run.open(tmp_path / "run")
+        one_line_error(excinfo, "locked", "still running", "break_lock")
+        with Run.open(tmp_path / "run", write=False) as reader, pytest.raises(RunError, match="not open for writing"):
+            reader.write_bytes("x", b"")
+    with pytest.raises(RunError, match="not open for writing"):  # a closed writer writes no more
+        writer.trajectory.append(make_rows(0, [0], 1), 0)
+    Run.open(tmp_path / "run").close()  # released on close
+
+
+def test_stale_lock_broken_only_with_flag(tmp_path):
+    """A lock whose process died (here: a finished child's pid) is reported stale and kept until
+    break_lock=True. (test_killed_between_resize_and_commit breaks the lock of a killed writer.)"""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid = int(dead.stdout)
+    Run.create(tmp_path / "run", small_config())  # never closed: its lock stays, as after a crash
+    lock = tmp_path / "run" / "lock.json"
+    lock.write_text(json.dumps({**json.loads(lock.read_text()), "pid": dead_pid}))
+    for _ in range(2):
+        with pytest.raises(RunError) as excinfo:
+            Run.open(tmp_path / "run")
+        one_line_error(excinfo, f"pid {dead_pid}", "stale", "break_lock=True")
+        assert json.loads(lock.read_text())["pid"] == dead_pid
+    with pytest.warns(UserWarning, match=f"breaking the lock .* pid {dead_pid}"):
+        run = Run.open(tmp_path / "run", break_lock=True)
+    with run:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_missing_run(tmp_path):
+    with pytest.raises(RunError) as excinfo:
+        Run.open(tmp_path / "nothing")
+    one_line_error(excinfo, "no run at")
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_foreign_directory_untouched(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("mine")
+    with pytest.raises(RunError) as excinfo:
+        Run.open(tmp_path / "data")
+    one_line_error(excinfo, "not an nbody-dt run")
+    with pytest.raises(RunError) as excinfo:
+        Run.create(tmp_path / "data", small_config())
+    one_line_error(excinfo, "not an empty directory")
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"{not json", "corrupt run metadata"),
+    (b'{"package": "other"}', "not an nbody-dt run"),
+    (b'{"package": "nbody-dt", "schema_version": 99}', "schema version 99"),
+    (b'{"package": "nbody-dt", "schema_version": 1, "config": {"seed": -1}}', "corrupt run metadata"),
+])
+def test_corrupt_metadata(tmp_path, content, fragment):
+    Run.create(tmp_path / "run", small_config()).close()
+    (tmp_path / "run" / "run.json").write_bytes(content)
+    for write in (True, False):
+        with pytest.raises(RunError) as excinfo:
+            Run.open(tmp_path / "run", write=write)
+        one_line_error(excinfo, fragment)
+    assert (tmp_path / "run" / "run.json").read_bytes() == content
+    assert (tmp_path / "run" / "trajectory.zarr").exists()
+
+
+def test_unreadable_url():
+    with pytest.raises(RunError) as excinfo:
+        Run.open("nosuchprotocol://bucket/run")
+    one_line_error(excinfo, "cannot access run URL")
+
+
+def test_corrupt_trajectory_store_releases_the_lock(tmp_path):
+    Run.create(tmp_path / "run", small_config()).close()
+    meta = tmp_path / "run" / "trajectory.zarr" / "zarr.json"
+    meta.write_text("{broken")
+    for write in (True, False):
+        with pytest.raises(RunError) as excinfo:
+            Run.open(tmp_path / "run", write=write)
+        one_line_error(excinfo, "corrupt trajectory store")
+    assert meta.read_text() == "{broken"
+    assert not (tmp_path / "run" / "lock.json").exists()
