@@ -112,7 +112,7 @@ def cmd_simulate(args) -> int:
         plot_result(result, args.plot, f"{args.ic} / {args.policy}")
         summary["plot"] = args.plot
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(_json_safe(summary), allow_nan=False))
     else:
         width = max(len(k) for k in summary)
         for key, value in summary.items():
@@ -208,7 +208,7 @@ def _run_training(args, mode: str) -> int:
         if bar:
             runtime.remove_listener(bar)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(_json_safe(summary), allow_nan=False))
     else:
         print(f"run: {summary['run_url']}  ({summary['epochs_completed']} epochs, {summary['rows_stored']} rows, "
               f"replay converged in {summary['replay_converged']} epochs, final pass rate "
@@ -239,9 +239,11 @@ def cmd_report(args) -> int:
     from nbody_dt.storage.report import report_dict, report_table, write_plots
 
     if args.json:
-        print(json.dumps(report_dict(args.run)))
+        print(json.dumps(_json_safe(report_dict(args.run)), allow_nan=False))
     else:
-        print(report_table(args.run))
+        from nbody_dt.flows.training import TABLE_KEYS
+
+        print(report_table(args.run, keys=None if args.all else ["rows", *TABLE_KEYS[1:]]))
     if args.plots:
         for path in write_plots(args.run, args.plots):
             print(f"wrote {path}", file=sys.stderr)
@@ -265,6 +267,17 @@ def cmd_deploy(args) -> int:
             raise UsageError(f"deploy: --cron {args.cron!r} is not a valid cron expression") from None
     serve(args.run_dir, args.config, args.set, cron=args.cron, interval=args.interval)
     return 0
+
+
+def _json_safe(value):
+    """NaN and infinities become null: the output stays standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def cmd_config(args) -> int:
@@ -300,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run", help="run URL")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR")
+    rep.add_argument("--all", action="store_true", help="every recorded metric as a column")
     d = sub.add_parser("deploy", help="serve the training flow on a schedule from this process (flow.serve)")
     d.add_argument("--cron", help="cron schedule, e.g. '0 3 * * *'")
     d.add_argument("--interval", type=_positive("--interval"), help="schedule every SECONDS")

@@ -39,13 +39,15 @@ class PhysicsConfig:
 
 @dataclass
 class InitialConditionsConfig:
-    kind: str = _opt("kepler", "training systems: Kepler ensemble, Plummer spheres, figure-eight, Pythagorean",
-                     choices=("kepler", "plummer", "figure8", "pythagorean"))
-    num_orbits: int = _opt(16, "independent systems advanced together as one batch", lo=1, hi=1_000_000)
+    kind: str = _opt("kepler", "training systems: Kepler ensemble, Plummer spheres, free-fall three-body "
+                     "ensemble, figure-eight, Pythagorean",
+                     choices=("kepler", "plummer", "three_body", "figure8", "pythagorean"))
+    num_orbits: int = _opt(64, "independent systems advanced together as one batch", lo=1, hi=1_000_000)
     e_range: list = _opt([0.0, 0.99], "Kepler eccentricity range [lo, hi], uniform", lo=0.0, hi=0.999)
     a_range: list = _opt([0.5, 2.0], "Kepler semi-major axis range [lo, hi], log-uniform", lo=1e-6, hi=1e6)
     m1: float = _opt(1.0, "Kepler primary mass", lo=0.0, lo_open=True)
     m2: float = _opt(1.0, "Kepler secondary mass", lo=0.0, lo_open=True)
+    mass_range: list = _opt([1.0, 5.0], "three_body masses [lo, hi], uniform", lo=1e-6, hi=1e6)
     start: str = _opt("apocentre", "where Kepler orbits start", choices=("apocentre", "pericentre"))
     n_bodies: int = _opt(16, "bodies per Plummer sphere", lo=2, hi=4096)
     seed: int = _opt(0, "seed of the initial conditions", lo=0)
@@ -67,7 +69,7 @@ class ModelConfig:
                        "scale-free) or dt = time_scale * (softplus(out) + floor) ('softplus')",
                        choices=("log_freefall", "softplus"))
     dt_floor: float = _opt(1e-6, "softplus output floor, in units of the time scale", lo=0.0, lo_open=True)
-    initial_dt: float = _opt(0.01, "dt of the untrained network, as a fraction of t_ff (log_freefall) or of the "
+    initial_dt: float = _opt(0.04, "dt of the untrained network, as a fraction of t_ff (log_freefall) or of the "
                              "time scale (softplus)", lo=0.0, hi=100.0, lo_open=True)
     fourier_features: int = _opt(0, "Gaussian Fourier feature pairs (0 = off)", lo=0, hi=4096)
     fourier_sigma: float = _opt(1.0, "std of the Gaussian Fourier frequencies", lo=0.0, lo_open=True)
@@ -89,8 +91,8 @@ class LossConfig:
     kind: str = _opt("regression", "band: band loss on log(err) through the KDK step; regression: regress "
                      "log dt to the detached target log dt - (distance outside the band in log err) / exponent",
                      choices=("band", "regression"))
-    lower: float = _opt(6e-5, "loss band lower edge on the relative energy error", lo=0.0, hi=1.0, lo_open=True)
-    upper: float = _opt(1.2e-4, "loss band upper edge", lo=0.0, hi=1.0, lo_open=True)
+    lower: float = _opt(1e-4, "loss band lower edge on the relative energy error", lo=0.0, hi=1.0, lo_open=True)
+    upper: float = _opt(1.3e-4, "loss band upper edge", lo=0.0, hi=1.0, lo_open=True)
     exponent: float = _opt(3.0, "local power law err ~ dt^exponent assumed by the regression loss",
                            lo=0.5, hi=10.0)
     on: str = _opt("all", "samples that carry loss: every evaluated sample or only the failing ones (the seed)",
@@ -129,7 +131,7 @@ class ComputeConfig:
 @dataclass
 class StorageConfig:
     keep_checkpoints: int = _opt(3, "checkpoints kept (older ones are pruned)", lo=1, hi=10_000, safe=True)
-    chunk_rows: int = _opt(4096, "trajectory rows per Zarr chunk", lo=1, hi=10_000_000)
+    chunk_rows: int = _opt(16384, "trajectory rows per Zarr chunk (measured: benchmarks/README.md)", lo=1, hi=10_000_000)
 
 
 @dataclass
@@ -177,7 +179,7 @@ def _coerce(key: str, value: Any, kind: type, meta: dict, default: Any) -> Any:
             raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
         item_kind = type(default[0])
         items = [_coerce(f"{key}[{i}]", v, item_kind, meta, v) for i, v in enumerate(value)]
-        if key.endswith("_range") and (len(items) != 2 or items[0] > items[1]):
+        if key.rsplit(".", 1)[-1].endswith("_range") and (len(items) != 2 or items[0] > items[1]):
             raise ConfigError(f"{key}: expected [lo, hi] with lo <= hi, got {value!r}")
         return items
     if kind is bool or isinstance(value, bool):

@@ -118,11 +118,12 @@ def train(run_url: str = "", config: dict | None = None, config_path: str | None
         point = stages.resume_point(run.url)
         todo = _remaining(run, point, run.config.epochs)
         progress_id = create_progress_artifact(progress=0.0, description=f"nbody-dt training of {run.url}")
+        table = epoch_table(read_metrics(run))
         for epoch, name in todo:
             stage = (epoch, name)
-            STAGE_TASKS[name](run.url, run_id, epoch)
+            table.setdefault(epoch, {"epoch": epoch}).update(STAGE_TASKS[name](run.url, run_id, epoch))
             if name == "epoch":
-                _publish_epoch(run, progress_id, epoch)
+                _publish_epoch(run, progress_id, epoch, table)
         summary = summarize(run, time.perf_counter() - start)
         create_markdown_artifact(markdown=_summary_markdown(summary), key="nbody-dt-summary",
                                  description="nbody-dt training summary")
@@ -137,32 +138,41 @@ def train(run_url: str = "", config: dict | None = None, config_path: str | None
         evaluator.close()
 
 
-def _publish_epoch(run: Run, progress_id, epoch: int) -> None:
+def epoch_table(records: list[dict]) -> dict[int, dict]:
+    """One flat row per epoch from the per-stage metrics records."""
+    table: dict[int, dict] = {}
+    for record in records:
+        table.setdefault(record["epoch"], {"epoch": record["epoch"]}).update(
+            {k: v for k, v in record.items() if k != "stage"})
+    return table
+
+
+TABLE_KEYS = ("epoch", "collect_accepted", "collect_pass_rate", "collect_retrain_iterations", "collect_dt_median",
+              "replay_iterations", "replay_converged", "replay_final_pass_rate", "epoch_wall_s")
+
+
+def _publish_epoch(run: Run, progress_id, epoch: int, table: dict[int, dict]) -> None:
     """Progress and the per-epoch metrics table as Prefect artifacts."""
     update_progress_artifact(progress_id, 100.0 * (epoch + 1) / run.config.epochs)
-    rows = [r for r in read_metrics(run) if r["stage"] == "epoch"]
-    keys = ("epoch", "collect_accepted", "collect_pass_rate", "collect_retrain_iterations", "collect_dt_median",
-            "replay_iterations", "replay_converged", "replay_final_pass_rate", "epoch_wall_s")
-    table = [{k: r.get(k) for k in keys} for r in rows]
-    create_table_artifact(table=table, key="nbody-dt-epochs", description=f"per-epoch metrics of {run.url}")
+    rows = [{k: table[e].get(k) for k in TABLE_KEYS} for e in sorted(table)]
+    create_table_artifact(table=rows, key="nbody-dt-epochs", description=f"per-epoch metrics of {run.url}")
 
 
 def summarize(run: Run, wall_s: float) -> dict:
     """The one-object result of a training run."""
-    epochs = sorted(e for e, s in completed(run) if s == "epoch")
-    records = {r["epoch"]: r for r in read_metrics(run) if r["stage"] == "epoch"}
-    last = records[epochs[-1]] if epochs else {}
+    table = epoch_table(read_metrics(run))
+    done = sorted(e for e, s in completed(run) if s == "epoch")
+    last = table[done[-1]] if done else {}
     ckpts = list_checkpoints(run)
-    latest = f"{run.url}/checkpoints/{stage_key(*ckpts[-1])}.pt" if ckpts else None
     return {
         "run_url": run.url,
-        "epochs_completed": len(epochs),
+        "epochs_completed": len(done),
         "epochs": run.config.epochs,
         "rows_stored": run.trajectory.num_rows,
-        "replay_converged": int(sum(r.get("replay_converged", 0) for r in records.values())),
+        "replay_converged": int(sum(table[e].get("replay_converged", 0) for e in done)),
         "final_pass_rate": last.get("replay_final_pass_rate"),
         "wall_s": wall_s,
-        "latest_checkpoint": latest,
+        "latest_checkpoint": f"{run.url}/checkpoints/{stage_key(*ckpts[-1])}.pt" if ckpts else None,
     }
 
 

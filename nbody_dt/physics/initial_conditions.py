@@ -167,3 +167,17 @@ def pythagorean(dim: int = 2, dtype: torch.dtype = torch.float64) -> State:
     mass = torch.tensor([[3.0, 4.0, 5.0]], dtype=dtype)
     state = _to_centre_of_mass(position, torch.zeros_like(position), mass)
     return State(_planar(state.position, dim), _planar(state.velocity, dim), state.mass)
+
+
+def free_fall_three_body(
+    num: int, seed: int, mass_range: tuple[float, float] = (1.0, 5.0), dim: int = 2,
+    dtype: torch.dtype = torch.float64,
+) -> State:
+    """An ensemble of free-fall three-body problems (the Pythagorean problem's family): three
+    bodies at rest at random points of the square [-2, 2]^2 with masses uniform in mass_range,
+    in the centre-of-mass frame."""
+    gen = torch.Generator().manual_seed(seed)
+    position = 4.0 * torch.rand(num, 3, 2, generator=gen, dtype=dtype) - 2.0
+    mass = mass_range[0] + (mass_range[1] - mass_range[0]) * torch.rand(num, 3, generator=gen, dtype=dtype)
+    state = _to_centre_of_mass(position, torch.zeros_like(position), mass)
+    return State(_planar(state.position, dim), _planar(state.velocity, dim), state.mass)

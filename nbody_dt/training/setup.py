@@ -26,6 +26,8 @@ def initial_states(cfg: Config) -> State:
         return state
     if ic.kind == "plummer":
         return ics.plummer_sphere(ic.n_bodies, ic.seed, ic.num_orbits, dim, dtype)
+    if ic.kind == "three_body":
+        return ics.free_fall_three_body(ic.num_orbits, ic.seed, tuple(ic.mass_range), dim, dtype)
     if ic.kind == "figure8":
         return ics.figure_eight(dim, dtype)
     return ics.pythagorean(dim, dtype)

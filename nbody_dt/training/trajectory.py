@@ -146,13 +146,19 @@ class InMemoryTrajectory:
         return minibatch_from_arrays(rows, self.rows, self.prev, self.history_len)
 
 
-def minibatch_from_arrays(rows: np.ndarray, table: Rows, prev: np.ndarray, history_len: int) -> Minibatch:
-    """Assemble a Minibatch for global `rows` of an indexable `table` (tensors indexed by row)."""
+def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for an index of any shape, as one index_select (advanced indexing with a 2-D
+    index is multi-threaded and 100x slower under CPU contention)."""
+    return table.index_select(0, index.reshape(-1)).reshape(index.shape + table.shape[1:])
+
+
+def minibatch_from_arrays(rows: np.ndarray, table: State | Rows, prev: np.ndarray, history_len: int) -> Minibatch:
+    """Assemble a Minibatch for `rows` of a table of states (Rows or State) indexed by row."""
     r = torch.as_tensor(rows, dtype=torch.int64)
-    state = State(table.position[r], table.velocity[r], table.mass[r])
+    state = State(_take(table.position, r), _take(table.velocity, r), _take(table.mass, r))
     hidx, valid = gather_history(rows, prev, history_len)
     safe = torch.as_tensor(np.where(valid, hidx, 0))
     vmask = torch.as_tensor(valid)
-    pos = table.position[safe] * vmask[..., None, None]
-    vel = table.velocity[safe] * vmask[..., None, None]
+    pos = _take(table.position, safe) * vmask[..., None, None]
+    vel = _take(table.velocity, safe) * vmask[..., None, None]
     return Minibatch(state, History(pos, vel, vmask), r)
