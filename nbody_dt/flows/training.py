@@ -70,7 +70,7 @@ def _run_config(run_url: str, config: dict | None, config_path: str | None, over
     return resolve_config(config, config_path, overrides)
 
 
-def open_run(run_url: str, cfg: Config, mode: str, break_lock: bool) -> Run:
+def open_run(run_url: str, cfg: Config, mode: str, break_lock: bool | str) -> Run:
     """mode 'create': a new run; 'resume': an existing one; 'auto': whichever applies."""
     if mode == "create":
         return Run.create(run_url, cfg)
@@ -94,13 +94,17 @@ def _exists(run_url: str) -> bool:
 
 @flow(name="nbody-dt-train", log_prints=True)
 def train(run_url: str = "", config: dict | None = None, config_path: str | None = None,
-          overrides: list[str] | None = None, mode: str = "auto", break_lock: bool = False) -> dict:
+          overrides: list[str] | None = None, mode: str = "auto", break_lock: bool | str = False) -> dict:
     """Train (or continue training) the run at run_url; returns the run summary.
 
     config: a config dict, or config_path + overrides (TOML file, dotted key=value); none of
     them on an existing run means its stored config. Resume-safe keys (epochs, compute, ...)
-    may change on resume; any other difference is refused.
+    may change on resume; any other difference is refused. break_lock: take over the writer
+    lock of a dead writer; "stale": only if that writer ran on this host and is gone (what the
+    deployments use, so that a killed run does not lock out its retry and the runs after it).
     """
+    if break_lock not in (False, True, "stale"):
+        raise ValueError(f"break_lock must be true, false or 'stale', got {break_lock!r}")
     start = time.perf_counter()
     run_url = run_url or default_run_url()
     cfg = _run_config(run_url, config, config_path, overrides, mode)

@@ -98,6 +98,12 @@ def _describe_holder(holder: dict | None) -> str:
     return text
 
 
+def _stale_here(holder: dict | None) -> bool:
+    """Held by a process of this host that is no longer running (a killed writer)."""
+    return (bool(holder) and holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+            and not _pid_alive(holder["pid"]))
+
+
 class Run:
     """An opened run. Get one from `Run.create` or `Run.open`; `close()` (or `with`) releases the lock.
 
@@ -148,11 +154,12 @@ class Run:
         return run
 
     @classmethod
-    def open(cls, url: str | Path, config: Config | None = None, *, write: bool = True, break_lock: bool = False,
-             storage_options: dict | None = None) -> Run:
+    def open(cls, url: str | Path, config: Config | None = None, *, write: bool = True,
+             break_lock: bool | str = False, storage_options: dict | None = None) -> Run:
         """An existing run. With `config`, it must equal the stored one except in resume-safe keys,
         whose new values are then stored. `write` takes the writer lock; `break_lock` takes it over
-        from a dead writer (with a warning naming it)."""
+        from a dead writer (with a warning naming it); `break_lock="stale"` only from a writer of
+        this host whose process is gone."""
         url, fs, root = _resolve(url, storage_options)
         meta = _read_meta(fs, root, url)
         changed = False
@@ -165,7 +172,7 @@ class Run:
             run._open_trajectory()
         return run
 
-    def _start(self, break_lock: bool, rewrite_meta: bool) -> None:
+    def _start(self, break_lock: bool | str, rewrite_meta: bool) -> None:
         """Take the writer lock, store updated metadata, open (and trim) the trajectory; release on failure."""
         self._acquire_lock(break_lock)
         try:
@@ -191,13 +198,16 @@ class Run:
 
     # -- the writer lock --------------------------------------------------------------------
 
-    def _acquire_lock(self, break_lock: bool) -> None:
+    def _acquire_lock(self, break_lock: bool | str) -> None:
         token = uuid.uuid4().hex
         holder = _json_bytes({"host": socket.gethostname(), "pid": os.getpid(), "time": now_iso(), "token": token})
         try:
             self._create_exclusive(LOCK_FILE, holder)
         except FileExistsError:
-            desc = _describe_holder(self._read_lock())
+            current = self._read_lock()
+            desc = _describe_holder(current)
+            if break_lock == "stale":
+                break_lock = _stale_here(current)
             if not break_lock:
                 raise RunError(f"run {self.url} is locked by another writer ({desc}); if that writer is dead, "
                                "open it with break_lock=True (--break-lock)") from None
