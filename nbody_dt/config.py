@@ -126,6 +126,8 @@ class ComputeConfig:
                           safe=True)
     dask_address: str = _opt("", "scheduler address (empty: start a LocalCluster)", safe=True)
     dask_workers: int = _opt(2, "LocalCluster workers when no address is given", lo=1, hi=1024, safe=True)
+    torch_threads: int = _opt(1, "torch intra-op threads of the training process (0 = torch's default)", lo=0,
+                              hi=1024, safe=True)
 
 
 @dataclass

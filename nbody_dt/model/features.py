@@ -70,7 +70,7 @@ def pair_features(position: torch.Tensor, velocity: torch.Tensor, mass: torch.Te
     r = r2.sqrt()
     m = mass[:, i] + mass[:, j]
     gm = gravity.G * m
-    t_ff = torch.sqrt(r2 * r / gm)
+    t_ff = torch.sqrt(r2 * r / gm).clamp_min(_TINY)  # coincident bodies: tiny, not 0 (no 0/0)
     order = t_ff.argsort(-1)
     t_min = t_ff.gather(-1, order[:, :1])
     feats = torch.stack(

@@ -3,6 +3,7 @@ and the checkpoint payload (plain tensors, numbers and strings) that restores th
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 
@@ -34,8 +35,20 @@ def initial_states(cfg: Config) -> State:
 
 
 def make_optimizer(cfg: Config, model: DtNetwork) -> torch.optim.Optimizer:
+    """Adam or AdamW; the fused kernel (one pass over all parameters: 3x faster steps of a large
+    network on the CPU, benchmarks/README.md)."""
     opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer.name]
-    return opt(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+    return opt(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, fused=True)
+
+
+def apply_compute_settings(cfg: Config) -> None:
+    """Torch's intra-op threads for this process (compute.torch_threads; 0 keeps torch's choice).
+
+    One thread by default: the networks and batches here are small, and on a 2-core machine
+    shared with anything else two threads made an epoch 10x slower (benchmarks/README.md).
+    """
+    if cfg.compute.torch_threads:
+        torch.set_num_threads(cfg.compute.torch_threads)
 
 
 def seed_everything(seed: int) -> None:
@@ -55,6 +68,7 @@ class Training:
 
 def start_training(cfg: Config) -> Training:
     """A fresh run: seed, build the systems and the network, derive normalization once."""
+    apply_compute_settings(cfg)
     seed_everything(cfg.seed)
     state = initial_states(cfg).to(device=cfg.device)
     model = DtNetwork.from_config(cfg, state.num_bodies).to(cfg.device)
@@ -70,8 +84,8 @@ def snapshot(training: Training, cfg: Config) -> dict:
     np_state = np.random.get_state()
     return {
         "config": cfg.to_dict(),
-        "model": training.model.state_dict(),
-        "optimizer": training.optimizer.state_dict(),
+        "model": {k: v.detach().clone() for k, v in training.model.state_dict().items()},
+        "optimizer": copy.deepcopy(training.optimizer.state_dict()),
         "live": {
             "position": live.state.position, "velocity": live.state.velocity, "mass": live.state.mass,
             "history_position": live.history.position, "history_velocity": live.history.velocity,
@@ -88,12 +102,13 @@ def snapshot(training: Training, cfg: Config) -> dict:
 
 def restore(payload: dict, cfg: Config) -> Training:
     """Rebuild the training objects of a snapshot, RNG states included (bit-for-bit resume)."""
+    apply_compute_settings(cfg)
     live_d = payload["live"]
     state = State(live_d["position"], live_d["velocity"], live_d["mass"]).to(device=cfg.device)
     model = DtNetwork.from_config(cfg, state.num_bodies).to(cfg.device)
     model.load_state_dict(payload["model"])
     optimizer = make_optimizer(cfg, model)
-    optimizer.load_state_dict(payload["optimizer"])
+    optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))  # the payload stays untouched
     history = History(live_d["history_position"], live_d["history_velocity"], live_d["history_valid"]).to(cfg.device)
     live = LiveCollection(state, history, live_d["time"].to(cfg.device), live_d["step"].to(cfg.device))
     rng = payload["rng"]
