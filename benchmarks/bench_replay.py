@@ -19,7 +19,6 @@ output); sampling and the optimizer step are timed once per iteration, not scale
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import statistics
@@ -130,18 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
     mb0 = sample_minibatch(traj, args.batch, torch.Generator().manual_seed(1))
     features, _ = compute_features(cfg.model.features, mb0.state, mb0.history, model.gravity, model.scales)
 
-    # The same iteration with a fused Adam (one kernel per parameter instead of ~10 passes; a
-    # proposal for training.setup.make_optimizer), on its own copy of the model.
-    fused_model = copy.deepcopy(model)
-    fused_opt = None
-    if cfg.optimizer.name == "adam":
-        fused_opt = torch.optim.Adam(fused_model.parameters(), lr=cfg.optimizer.lr,
-                                     weight_decay=cfg.optimizer.weight_decay, fused=True)
-
-    def fused_iteration():
-        mb = sample_minibatch(traj, args.batch, gen)
-        apply_gradients(fused_model, fused_opt, evaluator.evaluate(fused_model, mb, criteria, on))
-
     def bare():
         model.zero_grad(set_to_none=True)
         model.mlp(features).mean().backward()
@@ -161,9 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Interleaved rounds (one of each variant per round): a drifting machine load weighs on all alike.
     iteration()
     bare()
-    if fused_opt is not None:
-        fused_iteration()
-    vec_times, bare_times, fused_times, loop_extrapolated = [], [], [], []
+    vec_times, bare_times, loop_extrapolated = [], [], []
     for r in range(repeats):
         t0 = time.perf_counter()
         iteration()
@@ -172,10 +157,6 @@ def main(argv: list[str] | None = None) -> dict:
         t2 = time.perf_counter()
         vec_times.append(t1 - t0)
         bare_times.append(t2 - t1)
-        if fused_opt is not None:
-            t3 = time.perf_counter()
-            fused_iteration()
-            fused_times.append(time.perf_counter() - t3)
         if r < loop_repeats:
             total, part = loop_iteration()
             loop_extrapolated.append(total + part * (scale - 1))
@@ -195,9 +176,6 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---:|---:|---:|")
     print(f"| replay iteration (LocalEvaluator + apply_gradients) | {1e3 * t_vec:.1f} | {1e3 * min(vec_times):.1f} "
           f"| {repeats} |")
-    if fused_times:
-        print(f"| replay iteration, fused Adam (proposal) | {1e3 * statistics.median(fused_times):.1f} | "
-              f"{1e3 * min(fused_times):.1f} | {repeats} |")
     print(f"| bare network fwd+bwd (same batch) | {1e3 * t_bare:.1f} | {1e3 * min(bare_times):.1f} | {repeats} |")
     print(f"| per-sample loop iteration | {1e3 * t_loop:.1f} | {1e3 * min(loop_extrapolated):.1f} | {loop_repeats} |")
     print()
@@ -205,9 +183,6 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'met' if loop_ratio >= LOOP_GOAL else 'NOT met'})")
     print(f"replay iteration / bare network:    {bare_ratio:.2f}x (goal <= {BARE_GOAL:g}x: "
           f"{'met' if bare_ratio <= BARE_GOAL else 'NOT met'})")
-    if fused_times:
-        print(f"with a fused Adam step:             {statistics.median(fused_times) / t_bare:.2f}x of the bare network, "
-              f"{t_loop / statistics.median(fused_times):.1f}x faster than the loop")
     return {"iteration_s": t_vec, "bare_s": t_bare, "loop_s": t_loop, "loop_ratio": loop_ratio,
             "bare_ratio": bare_ratio}
 

@@ -78,7 +78,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--seed", type=int, default=1, help="Plummer seed (default 1)")
     p.add_argument("--softening", type=_nonnegative, default=0.0)
     p.add_argument("--G", type=_positive("--G"), default=1.0)
-    p.add_argument("--periods", type=_positive("--periods"), help="Kepler (default 10) / figure-eight (default 5) periods")
+    p.add_argument("--periods", type=_positive("--periods"),
+                   help="Kepler (default 10) / figure-eight (default 5) periods")
     p.add_argument("--t-end", type=_positive("--t-end"), help="end time (Pythagorean and Plummer default 10)")
     p.add_argument("--dt", type=_positive("--dt"), help="fixed policy: the step")
     p.add_argument("--eta", type=_positive("--eta"), help="freefall policy: dt = eta * min pair free-fall time")
@@ -215,7 +216,8 @@ def _run_training(args, mode: str) -> int:
               f"{summary['final_pass_rate']}, {summary['wall_s']:.1f} s)")
         print(f"latest checkpoint: {summary['latest_checkpoint']}")
         print("try the model:")
-        print(f"  nbody-dt simulate --policy learned --checkpoint {summary['run_url']} --ic kepler --e 0.9 --periods 10")
+        print(f"  nbody-dt simulate --policy learned --checkpoint {summary['run_url']} "
+              "--ic kepler --e 0.9 --periods 10")
     return 0
 
 

@@ -133,7 +133,8 @@ class ComputeConfig:
 @dataclass
 class StorageConfig:
     keep_checkpoints: int = _opt(3, "checkpoints kept (older ones are pruned)", lo=1, hi=10_000, safe=True)
-    chunk_rows: int = _opt(16384, "trajectory rows per Zarr chunk (measured: benchmarks/README.md)", lo=1, hi=10_000_000)
+    chunk_rows: int = _opt(16384, "trajectory rows per Zarr chunk (measured: benchmarks/README.md)", lo=1,
+                           hi=10_000_000)
 
 
 @dataclass

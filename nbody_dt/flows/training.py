@@ -12,8 +12,12 @@ import time
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
-    update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from nbody_dt import config as config_mod
 from nbody_dt.config import Config

@@ -3,7 +3,8 @@
 - basic: centre-of-mass positions and velocities divided by the stored length and velocity
   scales, and mass fractions (the seed's inputs).
 - rich: physically scale-free pair features, pairs sorted by free-fall time: log(v^2 r / G m),
-  log|1 - v^2 r / 2 G m| (log r / 2a for a bound pair), the radial cosine r.v / (|r||v|) (tells inbound from outbound), log(t_ff / min t_ff), the
+  log|1 - v^2 r / 2 G m| (log r / 2a for a bound pair), the radial cosine r.v / (|r||v|)
+  (tells inbound from outbound), log(t_ff / min t_ff), the
   pair's mass fraction and log1p(eps^2 / r^2) for softening.
 - delta_mag: rich plus, per history slot and body, log1p of |x - x_k| / L and |v - v_k| / V.
 
@@ -59,7 +60,9 @@ def _basic(position: torch.Tensor, velocity: torch.Tensor, mass: torch.Tensor, s
     return torch.cat([(x / scales[0]).flatten(1), (v / scales[1]).flatten(1)], 1)
 
 
-def pair_features(position: torch.Tensor, velocity: torch.Tensor, mass: torch.Tensor, gravity: Gravity) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_features(
+    position: torch.Tensor, velocity: torch.Tensor, mass: torch.Tensor, gravity: Gravity
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale-free features (B, P, 6) of all pairs, sorted by free-fall time, and min t_ff (B,)."""
     n = position.shape[1]
     i, j = torch.triu_indices(n, n, offset=1, device=position.device)

@@ -3,7 +3,7 @@
 Knows nothing of networks, training, storage or orchestration.
 """
 
-from nbody_dt.physics.gravity import Gravity, accelerations, total_energy, pair_freefall_times
+from nbody_dt.physics.gravity import Gravity, accelerations, pair_freefall_times, total_energy
 from nbody_dt.physics.integrator import kdk_step, relative_energy_error
 from nbody_dt.physics.state import State
 

@@ -147,7 +147,8 @@ def oracle_dt(
         if bool((scale < t_ff * 1e-30).any()):
             raise FloatingPointError("oracle found no admissible dt (is the state singular?)")
     any_fail = fails.any(1)
-    first_fail = torch.where(any_fail, fails.to(torch.int64).argmax(1), torch.full_like(t_ff, n_grid - 1, dtype=torch.int64))
+    last = torch.full_like(t_ff, n_grid - 1, dtype=torch.int64)
+    first_fail = torch.where(any_fail, fails.to(torch.int64).argmax(1), last)
     rows = torch.arange(b, device=state.device)
     hi = grid[rows, first_fail]
     lo = grid[rows, (first_fail - 1).clamp_min(0)]
@@ -156,7 +157,8 @@ def oracle_dt(
         trial = lo[:, None] + (hi - lo)[:, None] * frac[None, :]
         trial_fails = errors(trial) >= threshold
         # First failing interior point (or hi itself) becomes the new hi; the point before it the new lo.
-        idx = torch.where(trial_fails.any(1), trial_fails.to(torch.int64).argmax(1), torch.full_like(first_fail, points))
+        none = torch.full_like(first_fail, points)
+        idx = torch.where(trial_fails.any(1), trial_fails.to(torch.int64).argmax(1), none)
         bounds = torch.cat([lo[:, None], trial, hi[:, None]], 1)
         lo, hi = bounds[rows, idx], bounds[rows, idx + 1]
     # Systems that never failed inside the grid get its upper end.

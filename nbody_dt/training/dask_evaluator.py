@@ -273,7 +273,8 @@ class DaskEvaluator:
                 client.wait_for_workers(1, timeout=worker_timeout)
             except Exception:
                 client.close()
-                raise DaskUnavailable(f"Dask scheduler at {address} has no workers after {worker_timeout:g} s") from None
+                raise DaskUnavailable(
+                    f"Dask scheduler at {address} has no workers after {worker_timeout:g} s") from None
         self._setup(cfg, client, cluster, address, shards, max_attempts, owns_client=True)
 
     @classmethod
