@@ -1,5 +1,6 @@
 """How precise is a model's dt? Along the oracle's own trajectories of the held-out sets, the
-statistics of log(dt_model / dt_oracle) (the goal needs a spread of about 0.075; see SCIENCE.md).
+statistics of log(dt_model / dt_oracle) (the goal needs a spread of about 0.075; see
+benchmarks/README.md, "Science benchmark").
 
     python benchmarks/science/dt_spread.py CHECKPOINT_OR_RUN [--quick]
 """
