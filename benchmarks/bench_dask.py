@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_model  # noqa: E402
 
 from nbody_dt.config import from_dict  # noqa: E402
 from nbody_dt.model.evaluate import StepCriteria  # noqa: E402
@@ -70,16 +73,6 @@ def max_rel_grad_diff(a, b) -> float:
     return max(float((x.cpu() - y.cpu()).abs().max() / x.abs().max().cpu().clamp_min(1e-300)) for x, y in zip(a, b))
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     hidden = [int(h) for h in args.hidden.split(",")]
@@ -99,14 +92,14 @@ def main(argv=None) -> dict:
     local_threads = [int(t) for t in args.local_threads.split(",") if t] or [torch.get_num_threads()]
     default_threads = torch.get_num_threads()
 
-    results: dict = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+    results: dict = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                                  "python": platform.python_version(), "torch": torch.__version__,
                                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
                      "settings": {**vars(args), "hidden": hidden, "parameters": n_params,
                                   "driver_default_threads": default_threads},
                      "local": {}, "dask": {}, "load_average_start": os.getloadavg()}
     print(f"network {hidden} {args.dtype}, {n_params} parameters; driver device {device}; "
-          f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; "
+          f"{cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
     local = LocalEvaluator()

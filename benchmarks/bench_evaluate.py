@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from machine import cpu_model  # noqa: E402
 
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.model.features import compute_features
@@ -36,16 +37,6 @@ from nbody_dt.physics.gravity import Gravity
 from nbody_dt.physics.initial_conditions import kepler_ensemble
 
 HIDDEN = [200, 1000, 1000, 200]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def interleaved(fns: dict, repeats: dict, warmup: int = 1) -> dict[str, list[float]]:

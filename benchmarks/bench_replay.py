@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from machine import cpu_model  # noqa: E402
 
 from nbody_dt import config as C
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
@@ -44,16 +45,6 @@ from nbody_dt.training.trajectory import InMemoryTrajectory, Rows
 
 HIDDEN = [200, 1000, 1000, 200]
 LOOP_GOAL, BARE_GOAL = 40.0, 1.3
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def kepler_trajectory(orbits: int, steps: int, cfg: C.Config) -> InMemoryTrajectory:

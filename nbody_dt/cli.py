@@ -104,7 +104,7 @@ def cmd_simulate(args) -> int:
                            seed=args.seed, periods=args.periods, t_end=args.t_end, G=args.G, softening=args.softening)
     model = criteria = None
     if args.policy == "learned":
-        model, criteria = _load_learned(args.checkpoint)
+        model, criteria, _ = load_learned(args.checkpoint)
     policy = make_policy(args.policy, problem, args.threshold, dt=args.dt, eta=args.eta, safety=args.safety,
                          model=model, criteria=criteria)
     result = run_problem(problem, policy, args.threshold, record=bool(args.plot))
@@ -121,8 +121,9 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def _load_learned(source: str):
-    """(model, criteria) from a checkpoint file or a run URL (its newest intact checkpoint)."""
+def load_learned(source: str):
+    """(model, criteria, config) of a checkpoint file or of a run URL's newest intact checkpoint,
+    on the CPU; UsageError naming the source when it is none of these."""
     import torch
 
     from nbody_dt.config import from_dict
@@ -144,7 +145,7 @@ def _load_learned(source: str):
     if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
         raise UsageError(f"--checkpoint {source}: not an nbody-dt checkpoint (no config or model)")
     cfg = from_dict({**payload["config"], "device": "cpu"})
-    return load_model(payload, cfg), StepCriteria.from_config(cfg)
+    return load_model(payload, cfg), StepCriteria.from_config(cfg), cfg
 
 
 def _prepare_prefect() -> None:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from nbody_dt.config import Config, from_dict
+from nbody_dt.config import Config
 from nbody_dt.model.evaluate import StepCriteria
 from nbody_dt.model.network import DtNetwork
 from nbody_dt.physics import initial_conditions as ics
@@ -52,7 +52,7 @@ from nbody_dt.physics.gravity import Gravity
 from nbody_dt.physics.policies import Advance
 from nbody_dt.physics.state import State
 from nbody_dt.simulation import Problem, make_policy, make_problem, run_problem
-from nbody_dt.training.setup import initial_states, load_model
+from nbody_dt.training.setup import initial_states
 
 POLICIES = ("learned", "oracle", "controller", "freefall")
 HELD_OUT_SEED = 1_000_003
@@ -65,18 +65,12 @@ HELD_OUT_SEED = 1_000_003
 
 def load_checkpoint(source: str) -> tuple[DtNetwork, StepCriteria, Config]:
     """Network, step criteria and config of a checkpoint file or of a run's newest checkpoint."""
-    if Path(source).is_file():
-        payload = torch.load(source, map_location="cpu", weights_only=True)
-    else:
-        from nbody_dt.storage import Run, load_latest_checkpoint
+    from nbody_dt.cli import UsageError, load_learned
 
-        with Run.open(source, write=False) as run:
-            latest = load_latest_checkpoint(run)
-        if latest is None:
-            raise SystemExit(f"{source}: the run has no checkpoint yet")
-        payload = latest[2]
-    cfg = from_dict({**payload["config"], "device": "cpu"})
-    return load_model(payload, cfg), StepCriteria.from_config(cfg), cfg
+    try:
+        return load_learned(source)
+    except UsageError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------
