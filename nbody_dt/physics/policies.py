@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from nbody_dt.physics.gravity import Gravity, min_freefall_time, total_energy
-from nbody_dt.physics.integrator import kdk_step, relative_energy_error
+from nbody_dt.physics.integrator import kdk_step, relative_energy_error, step_error
 from nbody_dt.physics.state import State
 
 
@@ -34,9 +34,9 @@ class DtPolicy(Protocol):
 
 
 def _one_step(state: State, dt: float, gravity: Gravity) -> tuple[State, float]:
-    dt_t = torch.full((state.batch_size,), dt, dtype=state.dtype, device=state.device)
-    after = kdk_step(state, dt_t, gravity)
-    err = relative_energy_error(total_energy(state, gravity), total_energy(after, gravity))
+    """One KDK step of a single system by a scalar dt, and its relative energy error."""
+    after, err = step_error(state, torch.full((state.batch_size,), dt, dtype=state.dtype, device=state.device),
+                            gravity)
     return after, float(err[0])
 
 

@@ -68,9 +68,6 @@ class State:
             self.mass.to(device=device, dtype=dtype),
         )
 
-    def detach(self) -> State:
-        return State(self.position.detach(), self.velocity.detach(), self.mass.detach())
-
     @staticmethod
     def cat(states: list[State]) -> State:
         return State(

@@ -39,7 +39,7 @@ class MemoryRun:
         self.epoch_start[epoch] = self.num_rows
         prev, self.last_row = link_previous(rows.orbit.cpu().numpy(), self.last_row, self.num_rows)
         self.prev = np.concatenate([self.prev, prev])
-        self.blocks.append(rows)
+        self.blocks.append(Rows(**{k: v.cpu() for k, v in rows.as_dict().items()}))
 
     def window(self, cfg: Config, epoch: int) -> InMemoryTrajectory:
         start = replay_window_start(cfg.replay.window, self.epoch_start[epoch], self.num_rows, cfg.replay.last_rows)

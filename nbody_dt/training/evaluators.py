@@ -38,6 +38,12 @@ class Evaluator(Protocol):
         ...
 
 
+def on_model_device(model: DtNetwork, minibatch: Minibatch) -> Minibatch:
+    """The minibatch on the network's device (stored rows are read on the CPU)."""
+    device = next(model.parameters()).device
+    return minibatch if minibatch.state.device == device else minibatch.to(device)
+
+
 def evaluate_minibatch_gradients(model: DtNetwork, minibatch: Minibatch, criteria: StepCriteria, loss_on: str,
                                  skip_if_all_pass: bool) -> MinibatchResult:
     """The evaluation primitive on a minibatch (or one shard of it) and its loss-sum gradients.
@@ -45,6 +51,7 @@ def evaluate_minibatch_gradients(model: DtNetwork, minibatch: Minibatch, criteri
     skip_if_all_pass: no backward pass when every sample passed (the whole minibatch is
     here, so the driver will not step); a shard of a larger minibatch always computes them.
     """
+    minibatch = on_model_device(model, minibatch)
     ev = evaluate_step(model, minibatch.state, minibatch.history, criteria)
     selected = ev.loss if loss_on == "all" else ev.loss[~ev.passed]
     loss_sum = selected.sum()

@@ -14,7 +14,7 @@ from nbody_dt.config import Config
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.model.network import DtNetwork
 from nbody_dt.training.collect import select_loss
-from nbody_dt.training.evaluators import Evaluator, LocalEvaluator, MinibatchResult
+from nbody_dt.training.evaluators import Evaluator, LocalEvaluator, MinibatchResult, on_model_device
 from nbody_dt.training.trajectory import Minibatch, ReplaySource
 
 
@@ -59,6 +59,7 @@ def evaluate_minibatch(model: DtNetwork, minibatch: Minibatch, config: Config):
     Returns (all_pass, loss, rel_dE, metrics): loss is the mean over the failing samples
     (over all samples with loss.on = 'all'), differentiable; zero when nothing counts.
     """
+    minibatch = on_model_device(model, minibatch)
     ev = evaluate_step(model, minibatch.state, minibatch.history, StepCriteria.from_config(config))
     selected = select_loss(ev.loss, ev.passed, config.loss.on)
     loss = selected.mean() if selected.numel() else ev.loss.sum() * 0.0
@@ -82,7 +83,7 @@ def _failing_positions(model: DtNetwork, trajectory: ReplaySource, criteria: Ste
     with torch.no_grad():
         for lo in range(0, len(trajectory), chunk):
             pos = torch.arange(lo, min(lo + chunk, len(trajectory)))
-            mb = trajectory.gather(pos)
+            mb = on_model_device(model, trajectory.gather(pos))
             ev = evaluate_step(model, mb.state, mb.history, criteria)
             failing.append(pos[~ev.passed.cpu()])
     return torch.cat(failing) if failing else torch.empty(0, dtype=torch.int64)
