@@ -23,44 +23,29 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _positive(name: str):
-    def check(text: str) -> float:
+def _checked(name: str, parse, ok, rule: str):
+    """An argparse type: `parse` the text, then require `ok(value)`; errors name the argument."""
+
+    def check(text: str):
         try:
-            value = float(text)
+            value = parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{name} must be positive and finite, got {text}")
+            kind = "an integer" if parse is int else "a number"
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{name} must be {rule}, got {text}")
         return value
 
     return check
 
 
-def _eccentricity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--e must be a number, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"--e must lie in [0, 1), got {text}")
-    return value
+def _positive(name: str):
+    return _checked(name, float, lambda v: v > 0 and math.isfinite(v), "positive and finite")
 
 
-def _bodies(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--n must be an integer, got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"--n must be at least 2, got {value}")
-    return value
-
-
-def _nonnegative(text: str) -> float:
-    value = float(text)
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"--softening must be >= 0, got {text}")
-    return value
+_eccentricity = _checked("--e", float, lambda v: 0 <= v < 1, "in [0, 1)")
+_bodies = _checked("--n", int, lambda v: v >= 2, "at least 2")
+_nonnegative = _checked("--softening", float, lambda v: v >= 0 and math.isfinite(v), ">= 0")
 
 
 def _add_simulate(sub) -> None:
