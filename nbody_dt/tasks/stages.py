@@ -62,13 +62,21 @@ def _stage_task(stage: str):
                 retry_condition_fn=_transient_io, task_run_name=f"{stage}-e{{epoch}}")
 
 
-def _training_state(url: str) -> tuple[Training, dict | None]:
-    """The training objects of the newest intact checkpoint (or a fresh start) and its payload."""
+def _training_state(url: str) -> Training:
+    """The training objects of the newest intact checkpoint, or a fresh start."""
     run = runtime.run(url)
     latest = load_latest_checkpoint(run, map_location=run.config.device)
-    if latest is None:
-        return start_training(run.config), None
-    return restore(latest[2], run.config), latest[2]
+    return start_training(run.config) if latest is None else restore(latest[2], run.config)
+
+
+def _checkpoint_and_finish(url: str, epoch: int, stage: str, training: Training, metrics: dict,
+                           **extra) -> dict:
+    """The stage's checkpoint (training objects, its metrics and `extra` entries), then its record and mark."""
+    run = runtime.run(url)
+    payload = snapshot(training, run.config)
+    payload.update(extra, metrics=metrics)
+    save_checkpoint(run, epoch, stage, payload)
+    return _finish(url, epoch, stage, metrics)
 
 
 def _finish(url: str, epoch: int, stage: str, metrics: dict) -> dict:
@@ -84,15 +92,12 @@ def collect(run_url: str, run_id: str, epoch: int) -> dict:
     """Part 1 from the latest checkpoint; checkpoint the trained network, the new live states and
     the accepted rows (pending until persisted)."""
     run = runtime.run(run_url)
-    training, _ = _training_state(run_url)
+    training = _training_state(run_url)
     rows, training.live, metrics = collect_trajectory(training.model, training.optimizer, training.live, run.config,
                                                       epoch)
     crash_point("collect", epoch)
-    payload = snapshot(training, run.config)
-    payload["pending_rows"] = {k: v.cpu() for k, v in rows.as_dict().items()}
-    payload["metrics"] = metrics
-    save_checkpoint(run, epoch, "collect", payload)
-    return _finish(run_url, epoch, "collect", metrics)
+    pending = {k: v.cpu() for k, v in rows.as_dict().items()}
+    return _checkpoint_and_finish(run_url, epoch, "collect", training, metrics, pending_rows=pending)
 
 
 @_stage_task("persist")
@@ -118,16 +123,13 @@ def replay(run_url: str, run_id: str, epoch: int) -> dict:
     run = runtime.run(run_url)
     cfg = run.config
     crash_point("persist-replay", epoch)
-    training, _ = _training_state(run_url)
+    training = _training_state(run_url)
     window = run.trajectory.window(cfg.replay.window, epoch=epoch, last_rows=cfg.replay.last_rows,
                                    history_len=cfg.model.history_len)
     _, _, metrics = generalize_on_trajectory(training.model, window, training.optimizer, cfg,
                                              runtime.evaluator(run_url))
     crash_point("replay", epoch)
-    payload = snapshot(training, cfg)
-    payload["metrics"] = metrics
-    save_checkpoint(run, epoch, "replay", payload)
-    return _finish(run_url, epoch, "replay", metrics)
+    return _checkpoint_and_finish(run_url, epoch, "replay", training, metrics)
 
 
 @_stage_task("epoch")
