@@ -14,15 +14,9 @@ from nbody_dt.physics.integrator import kdk_step, step_error
 from nbody_dt.physics.state import State
 from nbody_dt.training.collect import CollectionStalled, LiveCollection, collect_trajectory, select_loss
 from nbody_dt.training.setup import start_training
+from tests.conftest import PINNED
 
 ORBITS, STEPS, K = 4, 6, 2
-# Everything the assertions depend on is pinned, not taken from the (evolving) defaults.
-PINNED = ["optimizer.name=adam", "initial_conditions.kind=kepler", "initial_conditions.a_range=[0.5, 2.0]",
-          "physics.dim=2", "physics.G=1.0", "physics.softening=0.0", "model.output=log_freefall",
-          "model.initial_dt=0.01", "model.activation=silu", "model.fourier_features=0", "model.normalization=initial",
-          "collect.energy_threshold=2e-4", "collect.accept_lower=2.5e-5", "collect.max_retrain_steps=2000",
-          "collect.substeps=1", "loss.kind=regression", "loss.lower=6e-5", "loss.upper=1.2e-4", "loss.on=all",
-          "loss.exponent=3.0", "replay.min_size=2", "replay.window=all", "replay.verify=minibatch"]
 BASE = PINNED + ["model.hidden=[8, 8]", "optimizer.lr=0.01", "initial_conditions.e_range=[0.0, 0.9]",
                  "model.features=rich", "model.history_len=0"]
 

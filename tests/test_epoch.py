@@ -13,15 +13,9 @@ from nbody_dt import config as C
 from nbody_dt.training.epoch import MemoryRun, replay_window_start, train_epoch
 from nbody_dt.training.setup import restore, snapshot, start_training
 from nbody_dt.training.trajectory import Rows
+from tests.conftest import PINNED
 
 ORBITS, K = 3, 1
-# Everything the assertions depend on is pinned, not taken from the (evolving) defaults.
-PINNED = ["optimizer.name=adam", "initial_conditions.kind=kepler", "initial_conditions.a_range=[0.5, 2.0]",
-          "physics.dim=2", "physics.G=1.0", "physics.softening=0.0", "model.output=log_freefall",
-          "model.initial_dt=0.01", "model.activation=silu", "model.fourier_features=0", "model.normalization=initial",
-          "collect.energy_threshold=2e-4", "collect.accept_lower=2.5e-5", "collect.max_retrain_steps=2000",
-          "collect.substeps=1", "loss.kind=regression", "loss.lower=6e-5", "loss.upper=1.2e-4", "loss.on=all",
-          "loss.exponent=3.0", "replay.min_size=2", "replay.window=all", "replay.verify=minibatch"]
 OVERRIDES = PINNED + ["model.hidden=[8, 8]", f"initial_conditions.num_orbits={ORBITS}", "collect.steps_per_epoch=4",
                       f"model.history_len={K}", "model.features=delta_mag", "replay.batch_size=4", "replay.steps=5",
                       "optimizer.lr=0.01", "seed=5", "initial_conditions.e_range=[0.0, 0.9]"]

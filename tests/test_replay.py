@@ -23,15 +23,9 @@ from nbody_dt.training.replay import (
 )
 from nbody_dt.training.setup import start_training
 from nbody_dt.training.trajectory import InMemoryTrajectory, Rows
+from tests.conftest import PINNED
 
 ORBITS, STEPS, K = 4, 8, 1
-# Everything the assertions depend on is pinned, not taken from the (evolving) defaults.
-PINNED = ["optimizer.name=adam", "initial_conditions.kind=kepler", "initial_conditions.a_range=[0.5, 2.0]",
-          "physics.dim=2", "physics.G=1.0", "physics.softening=0.0", "model.output=log_freefall",
-          "model.initial_dt=0.01", "model.activation=silu", "model.fourier_features=0", "model.normalization=initial",
-          "collect.energy_threshold=2e-4", "collect.accept_lower=2.5e-5", "collect.max_retrain_steps=2000",
-          "collect.substeps=1", "loss.kind=regression", "loss.lower=6e-5", "loss.upper=1.2e-4", "loss.on=all",
-          "loss.exponent=3.0", "replay.min_size=2", "replay.window=all", "replay.verify=minibatch"]
 BASE = PINNED + ["model.hidden=[8, 8]", f"initial_conditions.num_orbits={ORBITS}", f"collect.steps_per_epoch={STEPS}",
                  f"model.history_len={K}", "optimizer.lr=0.01", "initial_conditions.e_range=[0.0, 0.7]",
                  "model.features=rich"]
