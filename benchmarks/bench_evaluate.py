@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from machine import cpu_model  # noqa: E402
+from machine import add_timing_options, cpu_model, timing_plan  # noqa: E402
 
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.model.features import compute_features
@@ -57,22 +57,11 @@ def interleaved(fns: dict, repeats: dict, warmup: int = 1) -> dict[str, list[flo
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--loss", choices=("regression", "band"), default="regression")
     ap.add_argument("--features", choices=("basic", "rich"), default="rich")
-    ap.add_argument("--repeats", type=int, default=None, help="repeats of the vectorized and bare variants")
-    ap.add_argument("--loop-repeats", type=int, default=None, help="repeats of the per-sample loop")
-    ap.add_argument("--loop-samples", type=int, default=None,
-                    help="samples the loop is timed on (scaled to the batch); default 64, --quick 16")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    add_timing_options(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    repeats = args.repeats or (3 if args.quick else 15)
-    loop_repeats = args.loop_repeats or (1 if args.quick else 3)
-    loop_samples = min(args.batch, args.loop_samples or (16 if args.quick else 64))
-    scale = args.batch / loop_samples
+    repeats, loop_repeats, loop_samples, scale = timing_plan(args)
 
     torch.manual_seed(0)
     g = Gravity()
