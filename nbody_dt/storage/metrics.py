@@ -32,12 +32,12 @@ def write_metrics(run: Run, epoch: int, stage: str, record: dict) -> None:
     run.write_bytes(f"{METRICS}/{stage_key(epoch, stage)}.json", json.dumps(clean, sort_keys=True).encode())
 
 
-def read_metrics(run: Run) -> list[dict]:
-    """Every metrics record as {'epoch', 'stage', **record}, ordered by (epoch, stage order)."""
+def read_metrics(run: Run, epoch: int | None = None) -> list[dict]:
+    """Every metrics record (or only `epoch`'s) as {'epoch', 'stage', **record}, ordered by (epoch, stage order)."""
     out = []
     for name in run.listdir(METRICS):
         key = parse_stage_key(name)
-        if key is None or key[2] != ".json":
+        if key is None or key[2] != ".json" or (epoch is not None and key[0] != epoch):
             continue
         try:
             record = json.loads(run.read_bytes(f"{METRICS}/{name}"))

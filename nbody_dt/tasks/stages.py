@@ -136,7 +136,7 @@ def replay(run_url: str, run_id: str, epoch: int) -> dict:
 def finish_epoch(run_url: str, run_id: str, epoch: int) -> dict:
     """The epoch's own record (its wall time, rows stored), then its ledger mark: the epoch is done."""
     run = runtime.run(run_url)
-    stage_records = [r for r in read_metrics(run) if r["epoch"] == epoch and r["stage"] != "epoch"]
+    stage_records = [r for r in read_metrics(run, epoch) if r["stage"] != "epoch"]
     wall = sum(r.get(f"{r['stage']}_wall_s", 0.0) for r in stage_records)
     return _finish(run_url, epoch, "epoch", {"epoch_wall_s": wall, "rows_stored": run.trajectory.num_rows})
 
