@@ -99,6 +99,9 @@ class LossConfig:
                    choices=("all", "failures"))
     nonfinite_penalty: float = _opt(10.0, "loss of a sample whose energy error is not finite", lo=0.0,
                                     lo_open=True)
+    overshoot_weight: float = _opt(1.0, "weight of a sample above the band relative to one below it (> 1: "
+                                   "cautious where dt is uncertain; 1: symmetric, the seed)", lo=0.0, hi=1000.0,
+                                   lo_open=True)
 
 
 @dataclass

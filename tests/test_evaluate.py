@@ -131,9 +131,10 @@ def test_max_dt_caps_the_step():
 def test_step_criteria_from_config():
     cfg = C.load(overrides=["physics.G=2.0", "physics.softening=0.01", "collect.energy_threshold=1e-3",
                             "collect.accept_lower=1e-5", "loss.kind='band'", "loss.lower=2e-5", "loss.upper=5e-4",
-                            "loss.exponent=2.5", "loss.nonfinite_penalty=3.0", "collect.substeps=4"])
+                            "loss.exponent=2.5", "loss.nonfinite_penalty=3.0", "collect.substeps=4",
+                            "loss.overshoot_weight=2.0"])
     c = StepCriteria.from_config(cfg)
-    assert c == StepCriteria(Gravity(2.0, 0.01), 1e-3, 1e-5, "band", 2e-5, 5e-4, 2.5, 3.0, 4)
+    assert c == StepCriteria(Gravity(2.0, 0.01), 1e-3, 1e-5, "band", 2e-5, 5e-4, 2.5, 3.0, 4, 2.0)
 
 
 def test_learned_policy_agrees_with_the_evaluation_primitive():

@@ -264,6 +264,26 @@ def test_band_and_regression_losses():
 
 
 @pytest.mark.parametrize("fn", ["band", "regression"])
+def test_overshoot_weight_scales_only_samples_above_the_band(fn):
+    err = torch.tensor([1e-6, 7e-5, 2e-4, 1e-2, float("inf")], dtype=F64)
+    log_dt = torch.zeros(5, dtype=F64, requires_grad=True)
+
+    def loss(weight):
+        if fn == "band":
+            return band_loss(err, log_dt, 5e-5, 1e-4, 7.0, overshoot_weight=weight)
+        return regression_loss(err, log_dt, 5e-5, 1e-4, 3.0, 7.0, overshoot_weight=weight)
+
+    plain, weighted = loss(1.0), loss(4.0)
+    assert plain[0] > 0 and plain[1] == 0 and plain[2] > 0
+    torch.testing.assert_close(weighted[:2], plain[:2], rtol=0, atol=0)  # below and inside: unchanged
+    torch.testing.assert_close(weighted[2:4], 4.0 * plain[2:4], rtol=1e-12, atol=0)
+    assert weighted[4] == plain[4] == 7.0  # the non-finite penalty is its own figure
+    (g1,) = torch.autograd.grad(plain.sum(), log_dt)
+    (g4,) = torch.autograd.grad(loss(4.0).sum(), log_dt)
+    torch.testing.assert_close(g4[2:4], 4.0 * g1[2:4], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fn", ["band", "regression"])
 def test_losses_are_finite_for_non_finite_errors(fn):
     err = torch.tensor([float("nan"), float("inf"), 1e-3], dtype=F64)
     log_dt = torch.tensor([0.5, -1.0, 0.0], dtype=F64, requires_grad=True)

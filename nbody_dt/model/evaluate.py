@@ -32,13 +32,14 @@ class StepCriteria:
     loss_exponent: float
     nonfinite_penalty: float
     substeps: int = 1
+    overshoot_weight: float = 1.0
 
     @staticmethod
     def from_config(cfg: Config) -> StepCriteria:
         return StepCriteria(
             Gravity(cfg.physics.G, cfg.physics.softening), cfg.collect.energy_threshold, cfg.collect.accept_lower,
             cfg.loss.kind, cfg.loss.lower, cfg.loss.upper, cfg.loss.exponent, cfg.loss.nonfinite_penalty,
-            cfg.collect.substeps,
+            cfg.collect.substeps, cfg.loss.overshoot_weight,
         )
 
 
@@ -84,9 +85,10 @@ def evaluate_step(
     rel_dE = relative_energy_error(total_energy(state, criteria.gravity), total_energy(after, criteria.gravity))
     passed = (rel_dE >= criteria.accept_lower) & (rel_dE < criteria.energy_threshold)
     if criteria.loss_kind == "band":
-        loss = band_loss(rel_dE, log_dt, criteria.loss_lower, criteria.loss_upper, criteria.nonfinite_penalty)
+        loss = band_loss(rel_dE, log_dt, criteria.loss_lower, criteria.loss_upper, criteria.nonfinite_penalty,
+                         criteria.overshoot_weight)
     else:
         loss = regression_loss(rel_dE, log_dt, criteria.loss_lower, criteria.loss_upper, criteria.loss_exponent,
-                               criteria.nonfinite_penalty)
+                               criteria.nonfinite_penalty, criteria.overshoot_weight)
     return StepEvaluation(dt, log_dt, State(after.position.detach(), after.velocity.detach(), after.mass),
                           rel_dE.detach(), passed, loss)
