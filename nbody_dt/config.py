@@ -89,12 +89,18 @@ class CollectConfig:
 @dataclass
 class LossConfig:
     kind: str = _opt("regression", "band: band loss on log(err) through the KDK step; regression: regress "
-                     "log dt to the detached target log dt - (distance outside the band in log err) / exponent",
-                     choices=("band", "regression"))
+                     "log dt to the detached target log dt - (distance outside the band in log err) / exponent; "
+                     "margin: regress log dt into dt_fraction_range x the threshold dt, extrapolated with the local "
+                     "exponent that a probe step at probe_ratio x dt measures",
+                     choices=("band", "regression", "margin"))
     lower: float = _opt(1e-4, "loss band lower edge on the relative energy error", lo=0.0, hi=1.0, lo_open=True)
     upper: float = _opt(1.3e-4, "loss band upper edge", lo=0.0, hi=1.0, lo_open=True)
-    exponent: float = _opt(3.0, "local power law err ~ dt^exponent assumed by the regression loss",
-                           lo=0.5, hi=10.0)
+    exponent: float = _opt(3.0, "local power law err ~ dt^exponent assumed by the regression loss (margin: the "
+                           "smallest exponent it uses)", lo=0.5, hi=10.0)
+    dt_fraction_range: list = _opt([0.84, 0.9], "margin: the loss band on dt, as fractions of the threshold dt "
+                                   "(the dt whose error would reach collect.energy_threshold)", lo=0.01, hi=1.0)
+    probe_ratio: float = _opt(1.1, "margin: dt ratio of the probe step that measures the local exponent", lo=1.0,
+                              hi=2.0, lo_open=True)
     on: str = _opt("all", "samples that carry loss: every evaluated sample or only the failing ones (the seed)",
                    choices=("all", "failures"))
     nonfinite_penalty: float = _opt(10.0, "loss of a sample whose energy error is not finite", lo=0.0,

@@ -8,6 +8,7 @@ import torch
 from nbody_dt import config as C
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.model.history import History
+from nbody_dt.model.losses import margin_loss
 from nbody_dt.model.network import DtNetwork
 from nbody_dt.model.policy import LearnedPolicy
 from nbody_dt.physics import initial_conditions as ics
@@ -159,3 +160,21 @@ def test_learned_policy_agrees_with_the_evaluation_primitive():
     res = simulate(s, LearnedPolicy(net, crit), G1, 0.5, threshold=2e-4)
     assert res.t_end == pytest.approx(0.5, abs=1e-12) and res.accepted_steps == res.steps
     assert sum(res.dt) == pytest.approx(0.5, rel=1e-12) and min(res.dt) > 0
+
+
+def test_margin_loss_in_the_primitive_measures_its_exponent_with_a_probe_step():
+    s, _ = ics.kepler_orbits(torch.tensor([1.0, 0.7]), torch.tensor([0.6, 0.95]), torch.tensor(1.0),
+                             torch.tensor(1.0), start="pericentre")
+    net = model("rich", 0, s)
+    crit = StepCriteria(G1, 2e-4, 2.5e-5, "margin", 6e-5, 1.2e-4, 3.0, 10.0, dt_fraction_range=(0.8, 0.85),
+                        probe_ratio=1.2)
+    h = History.empty(s, 0)
+    ev = evaluate_step(net, s, h, crit)
+    dt = ev.dt.detach()
+    e0 = total_energy(s, G1)
+    probe = relative_energy_error(e0, total_energy(kdk_step(s, 1.2 * dt, G1), G1))
+    expected = margin_loss(ev.rel_dE, probe, ev.log_dt, 2e-4, 0.8, 0.85, 1.2, 3.0, 10.0, accept_lower=2.5e-5)
+    torch.testing.assert_close(ev.loss, expected, rtol=1e-12, atol=0)
+    assert bool((ev.loss > 0).all()) and ev.loss.requires_grad  # an untrained net is far from the band
+    no_loss = evaluate_step(net, s, h, crit, with_loss=False)
+    assert no_loss.loss is None and torch.equal(no_loss.dt, ev.dt) and torch.equal(no_loss.rel_dE, ev.rel_dE)

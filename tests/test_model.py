@@ -11,7 +11,7 @@ from nbody_dt import config as C
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.model.features import compute_features, derive_scales, feature_dim, pair_features
 from nbody_dt.model.history import History
-from nbody_dt.model.losses import band_loss, regression_loss
+from nbody_dt.model.losses import MAX_LOCAL_EXPONENT, band_loss, margin_loss, regression_loss
 from nbody_dt.model.network import LOG_DT_BOUND, DtNetwork
 from nbody_dt.physics import initial_conditions as ics
 from nbody_dt.physics.gravity import Gravity, min_freefall_time, pair_freefall_times
@@ -283,12 +283,64 @@ def test_overshoot_weight_scales_only_samples_above_the_band(fn):
     torch.testing.assert_close(g4[2:4], 4.0 * g1[2:4], rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("fn", ["band", "regression"])
+@pytest.mark.parametrize("p", [3.0, 4.0, 6.0])
+def test_margin_loss_puts_dt_at_a_fixed_fraction_of_the_threshold_dt_whatever_the_exponent(p):
+    """On an exact power law err = c dt^p the band is [0.84, 0.9] x dt_thr for every p."""
+    threshold, c, ratio = 2e-4, 0.5, 1.1
+    dt_thr = (threshold / c) ** (1 / p)
+    fractions = torch.tensor([0.5, 0.8, 0.86, 0.95, 1.2], dtype=F64)
+    log_dt = torch.log(fractions * dt_thr).requires_grad_(True)
+    dt = log_dt.detach().exp()
+    loss = margin_loss(c * dt**p, c * (ratio * dt) ** p, log_dt, threshold, 0.84, 0.9, ratio, 3.0, 10.0)
+    expected = torch.tensor([math.log(0.5 / 0.84), math.log(0.8 / 0.84), 0.0, math.log(0.95 / 0.9),
+                             math.log(1.2 / 0.9)], dtype=F64)
+    torch.testing.assert_close(loss, expected**2, rtol=1e-9, atol=1e-15)
+    (g,) = torch.autograd.grad(loss.sum(), log_dt)
+    torch.testing.assert_close(g, 2 * expected, rtol=1e-9, atol=1e-15)  # too small: push dt up, too large: down
+
+
+def test_margin_loss_with_a_cubic_law_is_the_regression_loss_on_the_matching_error_band():
+    threshold, lo, hi = 2e-4, 0.84, 0.9
+    err = torch.tensor([1e-6, 5e-5, 1.2e-4, 3e-4, 1e-2], dtype=F64)
+    log_dt = torch.zeros(5, dtype=F64, requires_grad=True)
+    margin = margin_loss(err, err * 1.1**3, log_dt, threshold, lo, hi, 1.1, 3.0, 10.0)
+    regression = regression_loss(err, log_dt, threshold * lo**3, threshold * hi**3, 3.0, 10.0)
+    torch.testing.assert_close(margin, regression, rtol=1e-9, atol=1e-15)
+
+
+def test_margin_loss_clamps_the_measured_exponent_and_falls_back_where_the_probe_is_not_finite():
+    threshold, err = 2e-4, torch.tensor([1e-5, 1e-5, 1e-5, 1e-5], dtype=F64)
+    # measured exponents: -5 (error falling), 40 (steep), a non-finite probe, a zero probe error
+    probe = torch.tensor([1e-5 * 1.1**-5, 1e-5 * 1.1**40, float("nan"), 0.0], dtype=F64)
+    log_dt = torch.zeros(4, dtype=F64, requires_grad=True)
+    loss = margin_loss(err, probe, log_dt, threshold, 0.84, 0.9, 1.1, 3.0, 10.0)
+    log_thr_over = math.log(threshold / 1e-5)  # log dt_thr - log dt = this / p
+    used = torch.tensor([3.0, MAX_LOCAL_EXPONENT, 3.0, 3.0], dtype=F64)
+    torch.testing.assert_close(loss, (log_thr_over / used + math.log(0.84)) ** 2, rtol=1e-9, atol=1e-15)
+
+
+def test_margin_loss_never_admits_a_dt_below_the_acceptance_band():
+    """A steep law (p = 12) puts 0.84 dt_thr at err = 0.84^12 threshold < accept_lower: push dt up to it."""
+    threshold, accept_lower, c, p = 2e-4, 5e-5, 1.0, 12.0
+    dt_thr = (threshold / c) ** (1 / p)
+    log_dt = torch.tensor([math.log(0.85 * dt_thr)], dtype=F64, requires_grad=True)
+    dt = log_dt.detach().exp()
+    err = c * dt**p
+    assert float(err) < accept_lower
+    loose = margin_loss(err, c * (1.1 * dt) ** p, log_dt, threshold, 0.84, 0.9, 1.1, 3.0, 10.0)
+    strict = margin_loss(err, c * (1.1 * dt) ** p, log_dt, threshold, 0.84, 0.9, 1.1, 3.0, 10.0,
+                         accept_lower=accept_lower)
+    assert float(loose.detach()) == 0.0
+    torch.testing.assert_close(strict, (torch.log(accept_lower / err) / p) ** 2, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("fn", ["band", "regression", "margin"])
 def test_losses_are_finite_for_non_finite_errors(fn):
     err = torch.tensor([float("nan"), float("inf"), 1e-3], dtype=F64)
     log_dt = torch.tensor([0.5, -1.0, 0.0], dtype=F64, requires_grad=True)
-    loss = band_loss(err, log_dt, 1e-5, 1e-4, 7.0) if fn == "band" else regression_loss(err, log_dt, 1e-5, 1e-4,
-                                                                                        3.0, 7.0)
+    loss = {"band": lambda: band_loss(err, log_dt, 1e-5, 1e-4, 7.0),
+            "regression": lambda: regression_loss(err, log_dt, 1e-5, 1e-4, 3.0, 7.0),
+            "margin": lambda: margin_loss(err, err * 2, log_dt, 2e-4, 0.84, 0.9, 1.1, 3.0, 7.0)}[fn]()
     assert loss[:2].tolist() == [7.0, 7.0]
     (g,) = torch.autograd.grad(loss.sum(), log_dt)
     assert bool(torch.isfinite(g).all()) and g[:2].tolist() == [7.0, 7.0]

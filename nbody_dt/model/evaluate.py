@@ -12,7 +12,7 @@ import torch
 
 from nbody_dt.config import Config
 from nbody_dt.model.history import History
-from nbody_dt.model.losses import band_loss, regression_loss
+from nbody_dt.model.losses import band_loss, margin_loss, regression_loss
 from nbody_dt.model.network import DtNetwork
 from nbody_dt.physics.gravity import Gravity, total_energy
 from nbody_dt.physics.integrator import kdk_step, relative_energy_error
@@ -33,13 +33,15 @@ class StepCriteria:
     nonfinite_penalty: float
     substeps: int = 1
     overshoot_weight: float = 1.0
+    dt_fraction_range: tuple[float, float] = (0.84, 0.9)
+    probe_ratio: float = 1.1
 
     @staticmethod
     def from_config(cfg: Config) -> StepCriteria:
         return StepCriteria(
             Gravity(cfg.physics.G, cfg.physics.softening), cfg.collect.energy_threshold, cfg.collect.accept_lower,
             cfg.loss.kind, cfg.loss.lower, cfg.loss.upper, cfg.loss.exponent, cfg.loss.nonfinite_penalty,
-            cfg.collect.substeps, cfg.loss.overshoot_weight,
+            cfg.collect.substeps, cfg.loss.overshoot_weight, tuple(cfg.loss.dt_fraction_range), cfg.loss.probe_ratio,
         )
 
 
@@ -53,7 +55,7 @@ class StepEvaluation:
     next_state: State
     rel_dE: torch.Tensor
     passed: torch.Tensor
-    loss: torch.Tensor
+    loss: torch.Tensor | None
 
 
 def _zero_nonfinite(grad: torch.Tensor) -> torch.Tensor:
@@ -66,12 +68,15 @@ def evaluate_step(
     history: History,
     criteria: StepCriteria,
     max_dt: torch.Tensor | None = None,
+    with_loss: bool = True,
 ) -> StepEvaluation:
     """Predict dt for every system, take one KDK step, and score it. Vectorized over B.
 
     max_dt (B,) optionally caps dt (a simulation landing on t_end). The band loss is
     differentiated through the step (a per-sample hook keeps a non-finite step's gradient
-    out of the weights); the regression loss only through the network's log dt.
+    out of the weights); the regression and margin losses only through the network's log dt.
+    The margin loss takes a second, probe step at probe_ratio x dt. with_loss=False (a
+    simulation) skips the loss and the probe: loss is then None.
     """
     log_dt = model.log_dt(state, history)
     if max_dt is not None:
@@ -82,13 +87,27 @@ def evaluate_step(
     if through_step:
         step_dt.register_hook(_zero_nonfinite)
     after = kdk_step(state, step_dt, criteria.gravity, criteria.substeps)
-    rel_dE = relative_energy_error(total_energy(state, criteria.gravity), total_energy(after, criteria.gravity))
+    energy = total_energy(state, criteria.gravity)
+    rel_dE = relative_energy_error(energy, total_energy(after, criteria.gravity))
     passed = (rel_dE >= criteria.accept_lower) & (rel_dE < criteria.energy_threshold)
-    if criteria.loss_kind == "band":
-        loss = band_loss(rel_dE, log_dt, criteria.loss_lower, criteria.loss_upper, criteria.nonfinite_penalty,
-                         criteria.overshoot_weight)
-    else:
-        loss = regression_loss(rel_dE, log_dt, criteria.loss_lower, criteria.loss_upper, criteria.loss_exponent,
-                               criteria.nonfinite_penalty, criteria.overshoot_weight)
+    loss = _loss(state, energy, log_dt, step_dt.detach(), rel_dE, criteria) if with_loss else None
     return StepEvaluation(dt, log_dt, State(after.position.detach(), after.velocity.detach(), after.mass),
                           rel_dE.detach(), passed, loss)
+
+
+def _loss(state: State, energy: torch.Tensor, log_dt: torch.Tensor, dt: torch.Tensor, rel_dE: torch.Tensor,
+          criteria: StepCriteria) -> torch.Tensor:
+    """Per-sample loss of the configured kind (differentiable as evaluate_step describes)."""
+    if criteria.loss_kind == "band":
+        return band_loss(rel_dE, log_dt, criteria.loss_lower, criteria.loss_upper, criteria.nonfinite_penalty,
+                         criteria.overshoot_weight)
+    if criteria.loss_kind == "regression":
+        return regression_loss(rel_dE, log_dt, criteria.loss_lower, criteria.loss_upper, criteria.loss_exponent,
+                               criteria.nonfinite_penalty, criteria.overshoot_weight)
+    with torch.no_grad():
+        probe = kdk_step(state, dt * criteria.probe_ratio, criteria.gravity, criteria.substeps)
+        probe_rel_dE = relative_energy_error(energy, total_energy(probe, criteria.gravity))
+    lower, upper = criteria.dt_fraction_range
+    return margin_loss(rel_dE, probe_rel_dE, log_dt, criteria.energy_threshold, lower, upper, criteria.probe_ratio,
+                       criteria.loss_exponent, criteria.nonfinite_penalty, criteria.overshoot_weight,
+                       criteria.accept_lower)

@@ -26,6 +26,6 @@ class LearnedPolicy:
             self.history = History.empty(state, self.model.history_len)
         cap = torch.full((state.batch_size,), max_dt, dtype=state.dtype, device=state.device)
         with torch.no_grad():
-            ev = evaluate_step(self.model, state, self.history, self.criteria, max_dt=cap)
+            ev = evaluate_step(self.model, state, self.history, self.criteria, max_dt=cap, with_loss=False)
         self.history = self.history.push(state)
         return Advance(ev.next_state, float(ev.dt[0]), float(ev.rel_dE[0]), self.criteria.substeps)
