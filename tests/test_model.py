@@ -320,7 +320,8 @@ def test_margin_loss_clamps_the_measured_exponent_and_falls_back_where_the_probe
 
 
 def test_margin_loss_never_admits_a_dt_below_the_acceptance_band():
-    """A steep law (p = 12) puts 0.84 dt_thr at err = 0.84^12 threshold < accept_lower: push dt up to it."""
+    """A steep law (p = 12) puts 0.84 dt_thr at err = 0.84^12 threshold < accept_lower: push dt up as
+    the regression loss would (along the minimum exponent, 3)."""
     threshold, accept_lower, c, p = 2e-4, 5e-5, 1.0, 12.0
     dt_thr = (threshold / c) ** (1 / p)
     log_dt = torch.tensor([math.log(0.85 * dt_thr)], dtype=F64, requires_grad=True)
@@ -331,7 +332,9 @@ def test_margin_loss_never_admits_a_dt_below_the_acceptance_band():
     strict = margin_loss(err, c * (1.1 * dt) ** p, log_dt, threshold, 0.84, 0.9, 1.1, 3.0, 10.0,
                          accept_lower=accept_lower)
     assert float(loose.detach()) == 0.0
-    torch.testing.assert_close(strict, (torch.log(accept_lower / err) / p) ** 2, rtol=1e-9, atol=0)
+    torch.testing.assert_close(strict, (torch.log(accept_lower / err) / 3.0) ** 2, rtol=1e-9, atol=0)
+    regression = regression_loss(err, log_dt, accept_lower, 1e-3, 3.0, 10.0)
+    torch.testing.assert_close(strict, regression, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("fn", ["band", "regression", "margin"])

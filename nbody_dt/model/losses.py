@@ -76,9 +76,12 @@ def margin_loss(
     err band sits at a fraction (band / threshold)^(1/p) of dt_thr that changes with p along
     an orbit (0.79-0.87 where p = 3, 0.84-0.90 at the apsides where p = 4, 0.89-0.93 on circular
     orbits where p = 6), so steep phases run close to the tolerance and flat ones waste steps;
-    this band is one fraction everywhere. Its lower edge is raised, where the law is steep, to
-    the dt whose error reaches `accept_lower`, so that it never admits a dt the acceptance band
-    rejects (a collection would stall there). Like regression, the target is detached.
+    this band is one fraction everywhere. Below `accept_lower` (near a sign change of the error,
+    or where the law is steep) the target is the regression loss's instead: the dt whose error
+    would reach accept_lower along err ~ dt^min_exponent. The band so never admits a dt the
+    acceptance band rejects, and pushes up from there as hard as the regression loss (with the
+    measured, steep exponent the push was too weak: a collection stalled at a sign change).
+    Like regression, the target is detached.
     """
     err = torch.where(torch.isfinite(rel_dE), rel_dE.detach(), torch.ones_like(rel_dE)).clamp_min(_MIN_ERR)
     probe_ok = torch.isfinite(probe_rel_dE) & (probe_rel_dE > 0)
@@ -90,7 +93,7 @@ def margin_loss(
     log_dt_thr = log_dt_now + (math.log(threshold) - torch.log(err)) / exponent
     log_low = log_dt_thr + math.log(lower)
     if accept_lower > 0:
-        log_low = torch.maximum(log_low, log_dt_now + (math.log(accept_lower) - torch.log(err)) / exponent)
+        log_low = torch.maximum(log_low, log_dt_now + (math.log(accept_lower) - torch.log(err)) / min_exponent)
     distance = torch.relu(log_dt_now - log_dt_thr - math.log(upper)) - torch.relu(log_low - log_dt_now)
     target = (log_dt - distance).detach()
     loss = _weighted(distance, overshoot_weight) * (log_dt - target).pow(2)
