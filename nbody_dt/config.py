@@ -84,6 +84,8 @@ class CollectConfig:
     max_retrain_steps: int = _opt(2000, "consecutive failed tries of one system before giving up (0 = unlimited)",
                                   lo=0)
     substeps: int = _opt(1, "KDK substeps per predicted dt", lo=1, hi=1024)
+    accept_safe_after: int = _opt(0, "accept a step below accept_lower (safe, but under the band) after this many "
+                                  "consecutive failed tries of its system (0 = never: the band strictly)", lo=0)
 
 
 @dataclass

@@ -188,3 +188,29 @@ def test_stall_carries_the_rows_accepted_so_far():
     assert float(ev.rel_dE[0]) == pytest.approx(e.rel_dE, rel=1e-12)
     assert not bool(ev.passed[0]) and e.rel_dE < lo
     assert bool(((e.rows.rel_dE >= lo) & (e.rows.rel_dE < hi)).all())
+
+
+def test_accept_safe_after_advances_a_system_stuck_below_the_band():
+    """The frozen-network setup of the stall test: with accept_safe_after = 2 the systems below the
+    band advance on every third try instead of stalling, and their rows are marked by their error."""
+    probe_cfg = cfg_for("initial_conditions.num_orbits=6", "optimizer.lr=1e-12")
+    probe = start_training(probe_cfg)
+    err = evaluate_step(probe.model, probe.live.state, probe.live.history,
+                        StepCriteria.from_config(probe_cfg)).rel_dE.sort().values
+    lo, hi = float((err[2] * err[3]).sqrt()), float(err[5]) * 100
+    band = ["initial_conditions.num_orbits=6", "optimizer.lr=1e-12", f"collect.accept_lower={lo!r}",
+            f"collect.energy_threshold={hi!r}", f"loss.lower={lo * 2!r}", f"loss.upper={lo * 4!r}",
+            "collect.steps_per_epoch=1", "collect.max_retrain_steps=3"]
+    strict = start_training(cfg_for(*band))
+    with pytest.raises(CollectionStalled):
+        collect_trajectory(strict.model, strict.optimizer, strict.live, cfg_for(*band), 0)
+
+    cfg = cfg_for(*band, "collect.accept_safe_after=2")
+    tr = start_training(cfg)
+    rows, live, m = collect_trajectory(tr.model, tr.optimizer, tr.live, cfg, 0)
+    assert live.step.tolist() == [1] * 6 and len(rows) == 6
+    below = rows.rel_dE < lo
+    assert int(below.sum()) == m["collect_accepted_below_band"] == 3
+    assert bool((rows.rel_dE < hi).all())
+    # three systems passed at once, three after two failed tries each: 6 + 2 * 3 tries
+    assert m["collect_tries"] == 12 and m["collect_retrain_iterations"] == 2

@@ -87,24 +87,32 @@ def collect_trajectory(
     the acceptance band are recorded and advance, and if any failed, one optimizer step is
     taken on the loss of the failing systems (or of all evaluated ones, loss.on = 'all') and
     the failing systems retry from the same state. One hard orbit so never holds the others
-    back. With model.history_len K > 0 a system's first K steps are marked warm-up.
+    back. With model.history_len K > 0 a system's first K steps are marked warm-up. With
+    collect.accept_safe_after N > 0 a system that failed N tries in a row also advances on a
+    step below the band (safe, only too small): the network cannot always shape dt to a narrow
+    admissible window (near a sign change of the error), and a stall would end the run.
     """
     criteria = StepCriteria.from_config(cfg)
     need = cfg.collect.steps_per_epoch
     cap = cfg.collect.max_retrain_steps
+    safe_after = cfg.collect.accept_safe_after
     k = cfg.model.history_len
     start = time.perf_counter()
     b = live.state.batch_size
     done = torch.zeros(b, dtype=torch.int64)
     fails_in_row = torch.zeros(b, dtype=torch.int64)
     blocks: list[Rows] = []
-    tries = retrain = 0
+    tries = retrain = accepted_below_band = 0
     while bool((done < need).any()):
         orbits = torch.nonzero(done < need)[:, 0]
         state = live.state.select(orbits)
         ev = evaluate_step(model, state, live.history.select(orbits), criteria)
         tries += len(orbits)
         ok = ev.passed
+        if safe_after:
+            below_band = ~ok & (ev.rel_dE < criteria.energy_threshold) & (fails_in_row[orbits] >= safe_after)
+            ok = ok | below_band
+            accepted_below_band += int(below_band.sum())
         if bool(ok.any()):
             acc = orbits[ok]
             blocks.append(Rows(
@@ -135,6 +143,7 @@ def collect_trajectory(
         "collect_accepted": len(rows),
         "collect_tries": tries,
         "collect_pass_rate": len(rows) / tries if tries else 0.0,
+        "collect_accepted_below_band": accepted_below_band,
         "collect_retrain_iterations": retrain,
         "collect_dt_mean": float(dt.mean()),
         "collect_dt_median": float(dt.median()),
