@@ -84,13 +84,13 @@ class CollectConfig:
     max_retrain_steps: int = _opt(2000, "consecutive failed tries of one system before giving up (0 = unlimited)",
                                   lo=0)
     substeps: int = _opt(1, "KDK substeps per predicted dt", lo=1, hi=1024)
-    accept_safe_after: int = _opt(0, "accept a step below accept_lower (safe, but under the band) after this many "
+    accept_safe_after: int = _opt(200, "accept a step below accept_lower (safe, but under the band) after this many "
                                   "consecutive failed tries of its system (0 = never: the band strictly)", lo=0)
 
 
 @dataclass
 class LossConfig:
-    kind: str = _opt("regression", "band: band loss on log(err) through the KDK step; regression: regress "
+    kind: str = _opt("margin", "band: band loss on log(err) through the KDK step; regression: regress "
                      "log dt to the detached target log dt - (distance outside the band in log err) / exponent; "
                      "margin: regress log dt into dt_fraction_range x the threshold dt, extrapolated with the local "
                      "exponent that a probe step at probe_ratio x dt measures",
@@ -150,7 +150,7 @@ class StorageConfig:
 
 @dataclass
 class Config:
-    epochs: int = _opt(12, "training epochs (may be raised when resuming)", lo=1, hi=1_000_000, safe=True)
+    epochs: int = _opt(24, "training epochs (may be raised when resuming)", lo=1, hi=1_000_000, safe=True)
     seed: int = _opt(0, "seed of weights, sampling and everything random in training", lo=0)
     dtype: str = _opt("float64", "floating point type of physics and network", choices=("float64", "float32"))
     device: str = _opt("cpu", "torch device of the driver (cpu, cuda, cuda:1, ...)", safe=True)

@@ -62,6 +62,18 @@ def test_train_epoch_is_bitwise_reproducible(cfg):
     assert ma[1]["replay_window_rows"] == 2 * ORBITS * 4 - ORBITS * K  # window 'all', warm-up excluded
 
 
+def test_the_default_margin_loss_trains_reproducibly():
+    """The shipped loss (probe step per sample) and the below-band fallback through whole epochs."""
+    margin = C.load(overrides=OVERRIDES + ["loss.kind=margin", "collect.accept_safe_after=50"])
+    a, run_a, ma = run(margin, 2)
+    b, _, mb = run(margin, 2)
+    assert_same_weights(weights(a), weights(b))
+    assert ma[1]["collect_accepted"] == ORBITS * 4 and run_a.num_rows == 2 * ORBITS * 4
+    assert [m["replay_iterations"] for m in ma] == [m["replay_iterations"] for m in mb]
+    fresh = start_training(margin)
+    assert any(not torch.equal(x, y) for x, y in zip(weights(a), weights(fresh)))
+
+
 def test_a_different_seed_gives_different_weights(cfg):
     other = C.load(overrides=OVERRIDES + ["seed=6"])
     a, _, _ = run(cfg, 1)
