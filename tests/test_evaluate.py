@@ -24,7 +24,9 @@ B = 16
 
 def batch_with_history(k: int) -> tuple[State, History]:
     """B Kepler states with a K-slot history whose validity differs across systems (0, 1, .. K valid slots)."""
-    s, _ = ics.kepler_ensemble(B, (0.0, 0.95), (0.5, 2.0), seed=1)
+    # e >= 0.05: the stratified ensemble spans its range, and the band loss's gradient through the step
+    # of an exactly circular orbit (err ~ dt^6, tiny) is dominated by round-off
+    s, _ = ics.kepler_ensemble(B, (0.05, 0.95), (0.5, 2.0), seed=1)
     h = History.empty(s, k)
     older = []
     p = s

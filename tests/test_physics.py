@@ -335,8 +335,14 @@ def test_kepler_ensemble_is_seeded_and_within_ranges():
     a, e = _recover_a_e(s1, 1.0, 1.0)
     assert bool(((a > 0.5 - 1e-12) & (a < 2.0 + 1e-12)).all()), a
     assert bool(((e > 0.2 - 1e-10) & (e < 0.8 + 1e-10)).all()), e
-    # Spread over the ranges, not collapsed to one orbit; random orientations.
-    assert float(e.max() - e.min()) > 0.4 and float(a.max() / a.min()) > 2.0
+    # Stratified: both ranges spanned edge to edge whatever the seed, one orbit per stratum.
+    for seed in range(6):
+        _, e_seed = _recover_a_e(ics.kepler_ensemble(64, (0.0, 0.99), (0.5, 2.0), seed=seed)[0], 1.0, 1.0)
+        assert float(e_seed.min()) == pytest.approx(0.0, abs=1e-9) and float(e_seed.max()) == pytest.approx(0.99)
+    assert float(e.min()) == pytest.approx(0.2) and float(e.max()) == pytest.approx(0.8)
+    assert float(a.min()) == pytest.approx(0.5) and float(a.max()) == pytest.approx(2.0)
+    strata = torch.floor((e - 0.2) / 0.6 * 64).long().clamp(0, 63)
+    assert int(torch.bincount(strata, minlength=64).max()) <= 2  # stretched strata: at most 2 share one
     phi = torch.atan2(s1.position[:, 1, 1], s1.position[:, 1, 0])
     assert float(phi.max() - phi.min()) > math.pi
     torch.testing.assert_close(p1, 2 * math.pi * torch.sqrt(a**3 / 2.0), rtol=1e-10, atol=0)

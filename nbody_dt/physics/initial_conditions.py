@@ -80,6 +80,15 @@ def kepler_orbits(
     return state, kepler_period(a, total, G)
 
 
+def _spanning_strata(n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """n values in [0, 1] in random order, one in each of the n strata [k/n, (k+1)/n), then
+    stretched so that the smallest is 0 and the largest 1 (a single value stays uniform)."""
+    q = (torch.randperm(n, generator=gen).to(dtype) + torch.rand(n, generator=gen, dtype=dtype)) / n
+    if n > 1:
+        q = (q - q.min()) / (q.max() - q.min())
+    return q
+
+
 def kepler_ensemble(
     num_orbits: int,
     e_range: tuple[float, float],
@@ -92,12 +101,19 @@ def kepler_ensemble(
     dim: int = 2,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[State, torch.Tensor]:
-    """num_orbits orbits with e uniform in e_range and a log-uniform in a_range, random orientation."""
+    """num_orbits orbits with e stratified over e_range and a log-stratified over a_range, spanning
+    both ranges edge to edge, random orientation.
+
+    Stratified rather than i.i.d.: with 64 i.i.d. draws from [0, 0.99] the largest e was 0.95-0.99
+    depending on the seed, and a model whose training orbits stopped at 0.97 put 41 % of its
+    steps over the tolerance at e = 0.99 (benchmarks/README.md). Every seed now trains on the
+    top of the range.
+    """
     gen = torch.Generator().manual_seed(seed)
-    u = torch.rand(num_orbits, 3, generator=gen, dtype=dtype)
-    e = e_range[0] + (e_range[1] - e_range[0]) * u[:, 0]
-    log_a = math.log(a_range[0]) + (math.log(a_range[1]) - math.log(a_range[0])) * u[:, 1]
-    angle = 2 * math.pi * u[:, 2]
+    q_e, q_a = _spanning_strata(num_orbits, gen, dtype), _spanning_strata(num_orbits, gen, dtype)
+    e = e_range[0] + (e_range[1] - e_range[0]) * q_e
+    log_a = math.log(a_range[0]) + (math.log(a_range[1]) - math.log(a_range[0])) * q_a
+    angle = 2 * math.pi * torch.rand(num_orbits, generator=gen, dtype=dtype)
     return kepler_orbits(torch.exp(log_a), e, m1, m2, G=G, start=start, angle=angle, dim=dim, dtype=dtype)
 
 
