@@ -57,7 +57,7 @@ def interleaved(fns: dict, repeats: dict, warmup: int = 1) -> dict[str, list[flo
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--loss", choices=("regression", "band"), default="regression")
+    ap.add_argument("--loss", choices=("regression", "band", "margin"), default="regression")
     ap.add_argument("--features", choices=("basic", "rich"), default="rich")
     add_timing_options(ap)
     args = ap.parse_args(argv)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     history = History.empty(state, 0)
     model = DtNetwork(args.features, 2, 2, 0, HIDDEN, "silu", "log_freefall", g, dtype=torch.float64)
     model.set_scales(state)
-    # Defaults of the run config: band [2.5e-5, 2e-4), loss band [6e-5, 1.2e-4].
+    # Acceptance band [2.5e-5, 2e-4), error loss band [6e-5, 1.2e-4]; margin: its defaults (a probe step).
     criteria = StepCriteria(g, 2e-4, 2.5e-5, args.loss, 6e-5, 1.2e-4, 3.0, 10.0)
     features, _ = compute_features(args.features, state, history, g, model.scales)
     n_params = sum(p.numel() for p in model.parameters())
