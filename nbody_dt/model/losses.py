@@ -18,9 +18,14 @@ import torch
 _MIN_ERR = 1e-300
 
 
+def _log_error(rel_dE: torch.Tensor) -> torch.Tensor:
+    """log of the error, clamped away from 0; 0 (an error of 1) where it is not finite."""
+    return torch.log(torch.where(torch.isfinite(rel_dE), rel_dE, torch.ones_like(rel_dE)).clamp_min(_MIN_ERR))
+
+
 def _log_distance_outside(rel_dE: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
     """Signed distance outside the band in log err: > 0 above upper, < 0 below lower, 0 inside."""
-    log_err = torch.log(torch.where(torch.isfinite(rel_dE), rel_dE, torch.ones_like(rel_dE)).clamp_min(_MIN_ERR))
+    log_err = _log_error(rel_dE)
     return torch.relu(log_err - math.log(upper)) - torch.relu(math.log(lower) - log_err)
 
 
@@ -83,17 +88,16 @@ def margin_loss(
     measured, steep exponent the push was too weak: a collection stalled at a sign change).
     Like regression, the target is detached.
     """
-    err = torch.where(torch.isfinite(rel_dE), rel_dE.detach(), torch.ones_like(rel_dE)).clamp_min(_MIN_ERR)
+    log_err = _log_error(rel_dE.detach())
     probe_ok = torch.isfinite(probe_rel_dE) & (probe_rel_dE > 0)
-    probe = torch.where(probe_ok, probe_rel_dE.detach(), torch.ones_like(rel_dE)).clamp_min(_MIN_ERR)
-    measured = (torch.log(probe) - torch.log(err)) / math.log(probe_ratio)
+    measured = (_log_error(probe_rel_dE.detach()) - log_err) / math.log(probe_ratio)
     exponent = torch.where(probe_ok, measured, torch.full_like(measured, min_exponent))
     exponent = exponent.clamp(min_exponent, MAX_LOCAL_EXPONENT)
     log_dt_now = log_dt.detach()
-    log_dt_thr = log_dt_now + (math.log(threshold) - torch.log(err)) / exponent
+    log_dt_thr = log_dt_now + (math.log(threshold) - log_err) / exponent
     log_low = log_dt_thr + math.log(lower)
     if accept_lower > 0:
-        log_low = torch.maximum(log_low, log_dt_now + (math.log(accept_lower) - torch.log(err)) / min_exponent)
+        log_low = torch.maximum(log_low, log_dt_now + (math.log(accept_lower) - log_err) / min_exponent)
     distance = torch.relu(log_dt_now - log_dt_thr - math.log(upper)) - torch.relu(log_low - log_dt_now)
     target = (log_dt - distance).detach()
     loss = _weighted(distance, overshoot_weight) * (log_dt - target).pow(2)
