@@ -173,7 +173,7 @@ class _ProgressBar:
 
 def _run_training(args, mode: str) -> int:
     _prepare_prefect()
-    from nbody_dt.flows.training import TrainingFailed, default_run_url, resolve_config, train
+    from nbody_dt.flows.training import default_run_url, resolve_config, train
     from nbody_dt.tasks import runtime
 
     run_url = args.run_dir if mode == "create" else args.run
@@ -187,10 +187,7 @@ def _run_training(args, mode: str) -> int:
         runtime.add_listener(bar)
     try:
         summary = train(run_url=run_url, config_path=getattr(args, "config", None), overrides=args.set, mode=mode,
-                        break_lock=args.break_lock)
-    except TrainingFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+                        break_lock=args.break_lock, from_epoch=getattr(args, "from_epoch", None))
     finally:
         if bar:
             runtime.remove_listener(bar)
@@ -280,6 +277,8 @@ def cmd_config(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nbody-dt", description="Learned integration timesteps for gravitational N-body systems.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="on an error, print the full traceback (and Prefect's) after the one-line message")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_simulate(sub)
     t = sub.add_parser("train", help="train a new run (the embedded default config unless --config/--set)")
@@ -296,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume-safe overrides only, e.g. epochs=20 (docs/CONFIG.md)")
     r.add_argument("--json", action="store_true", help="print one JSON object at the end, no progress bar")
     r.add_argument("--break-lock", action="store_true",
-                   help="take over the writer lock left by a dead process")
+                   help="take over the writer lock left by a dead process (never that of a running one)")
+    r.add_argument("--from-epoch", type=_checked("--from-epoch", int, lambda v: v >= 0, ">= 0"), metavar="K",
+                   help="discard every stored stage from epoch K on and continue from there: the explicit "
+                        "way out when the run's storage is damaged (the error names the possible K)")
     rep = sub.add_parser("report", help="per-epoch metrics of a run as a table, JSON or plots")
     rep.add_argument("run", help="run URL")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
@@ -321,15 +323,43 @@ COMMANDS = {"simulate": cmd_simulate, "train": cmd_train, "resume": cmd_resume, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every error ends as one line on stderr and exit code 2 (--verbose adds the
+    traceback)."""
     from nbody_dt.config import ConfigError
-    from nbody_dt.storage.errors import RunError
+    from nbody_dt.storage.errors import RunError, one_line
 
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = "--verbose" in argv
+    if not verbose:
+        _quiet_prefect_tracebacks()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except (UsageError, ConfigError, RunError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        expected = isinstance(exc, (UsageError, ConfigError, RunError))
+        print(f"error: {one_line(exc) if expected else f'{type(exc).__name__}: {one_line(exc)}'}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _quiet_prefect_tracebacks() -> None:
+    """Prefect logs a failed flow's or task's traceback on the terminal before our one-line error;
+    without --verbose those records keep their message and lose the traceback."""
+    import logging
+
+    class _NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.exc_info = record.exc_text = None
+            return True
+
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
+        logging.getLogger(name).addFilter(_NoTraceback())
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -50,7 +51,7 @@ class InitialConditionsConfig:
     mass_range: list = _opt([1.0, 5.0], "three_body masses [lo, hi], uniform", lo=1e-6, hi=1e6)
     start: str = _opt("apocentre", "where Kepler orbits start", choices=("apocentre", "pericentre"))
     n_bodies: int = _opt(16, "bodies per Plummer sphere", lo=2, hi=4096)
-    seed: int = _opt(0, "seed of the initial conditions", lo=0)
+    seed: int = _opt(0, "seed of the initial conditions (a torch generator seed: 64 bits)", lo=0, hi=2**64 - 1)
 
 
 @dataclass
@@ -151,7 +152,8 @@ class StorageConfig:
 @dataclass
 class Config:
     epochs: int = _opt(24, "training epochs (may be raised when resuming)", lo=1, hi=1_000_000, safe=True)
-    seed: int = _opt(0, "seed of weights, sampling and everything random in training", lo=0)
+    seed: int = _opt(0, "seed of weights, sampling and everything random in training (numpy's legacy seed: "
+                     "32 bits)", lo=0, hi=2**32 - 1)
     dtype: str = _opt("float64", "floating point type of physics and network", choices=("float64", "float32"))
     device: str = _opt("cpu", "torch device of the driver (cpu, cuda, cuda:1, ...)", safe=True)
     physics: PhysicsConfig = field(default_factory=PhysicsConfig)
@@ -180,8 +182,8 @@ def _describe_range(meta: dict, kind: type) -> str:
     if lo is None and hi is None:
         return name if kind in (int, float) else "a string"
     left = "(" if meta["lo_open"] else "["
-    lo_s = "-inf" if lo is None else f"{lo:g}"
-    hi_s = "inf" if hi is None else f"{hi:g}"
+    lo_s = "-inf" if lo is None else str(lo) if isinstance(lo, int) else f"{lo:g}"
+    hi_s = "inf" if hi is None else str(hi) if isinstance(hi, int) else f"{hi:g}"
     return f"{name} in {left}{lo_s}, {hi_s}" + ("]" if hi is not None else ")")
 
 
@@ -252,8 +254,8 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("physics.dim: Plummer spheres need dim = 3")
     if ic.kind in ("figure8", "pythagorean") and ic.num_orbits != 1:
         raise ConfigError(f"initial_conditions.num_orbits: {ic.kind!r} is a single system, set it to 1")
-    if cfg.device != "cpu" and not (cfg.device == "cuda" or cfg.device.startswith("cuda:") or cfg.device == "mps"):
-        raise ConfigError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {cfg.device!r}")
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"device: expected 'cpu', 'cuda', 'cuda:N' (N a device number) or 'mps', got {cfg.device!r}")
 
 
 def from_dict(data: dict) -> Config:
@@ -305,6 +307,12 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             data = tomllib.loads(p.read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {p}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {p} is a directory") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {p} is not UTF-8 text (TOML)") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
     return from_dict(apply_overrides(data, overrides or []))

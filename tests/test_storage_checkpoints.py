@@ -82,17 +82,20 @@ def test_keep_last_k_prunes_data_and_sidecars(run):
     assert files == [f"e000000{e}-3-epoch.pt{s}" for e in (3, 4, 5) for s in ("", ".json")]
 
 
-def test_corrupted_newest_falls_back_with_warning(run):
+def test_corrupted_newest_is_refused_not_skipped(run):
+    """A committed checkpoint whose data changed is damage: refused naming it, never a silent
+    fall-back to an older one (which would quietly redo or lose work)."""
     save_checkpoint(run, 1, "epoch", training_payload(1))
     newest = save_checkpoint(run, 2, "collect", training_payload(2))
     path = Path(f"{ckpt_dir(run)}/{newest}")
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.warns(UserWarning, match=newest):
-        epoch, stage, payload = load_latest_checkpoint(run)
-    assert (epoch, stage) == (1, "epoch")
-    assert_same(payload, training_payload(1))
+    with pytest.raises(RunError, match=f"damaged checkpoint .*{newest}: sha256 checksum mismatch$"):
+        load_latest_checkpoint(run)
+    path.write_bytes(b"")
+    with pytest.raises(RunError, match=f"damaged checkpoint .*{newest}"):
+        load_latest_checkpoint(run)
 
 
 def test_checkpoint_without_commit_marker_does_not_count(run):

@@ -183,10 +183,8 @@ def test_killed_between_resize_and_commit(tmp_path):
 
     with pytest.raises(RunError, match="stale"):
         Run.open(url)
-    with pytest.warns(UserWarning, match="breaking the lock"):
-        run = Run.open(url, break_lock=True)
-    with run:
-        assert zarr.open_group(str(tmp_path / "run" / "trajectory.zarr"), mode="r")["position"].shape[0] == 12
+    with Run.open(url, break_lock=True) as run:
+        assert run.trajectory.num_rows == 12  # opening writes nothing; the next append overwrites the rest
         second = make_rows(1, [0, 1, 2, 3], 2, first_step=3)
         assert run.trajectory.append(second, 1) == 20
         assert_rows_equal(run.trajectory.rows(), Rows.cat([first, second]))

@@ -23,6 +23,7 @@ from nbody_dt import config as config_mod
 from nbody_dt.config import Config
 from nbody_dt.storage import Run, completed, is_done, list_checkpoints, read_metrics
 from nbody_dt.storage.errors import RunError
+from nbody_dt.storage.integrity import check_run, rollback
 from nbody_dt.storage.run import stage_key
 from nbody_dt.tasks import runtime, stages
 from nbody_dt.training.dask_evaluator import make_evaluator
@@ -74,8 +75,32 @@ def _run_config(run_url: str, config: dict | None, config_path: str | None, over
     return resolve_config(config, config_path, overrides)
 
 
-def open_run(run_url: str, cfg: Config, mode: str, break_lock: bool | str) -> Run:
-    """mode 'create': a new run; 'resume': an existing one; 'auto': whichever applies."""
+def open_run(run_url: str, cfg: Config, mode: str, break_lock: bool | str, from_epoch: int | None = None) -> Run:
+    """mode 'create': a new run; 'resume': an existing one; 'auto': whichever applies. The run is
+    checked (integrity.check_run) before it is returned; `from_epoch` (resume only) first discards
+    everything from that epoch on, the explicit way out of damage."""
+    if from_epoch is not None:
+        if mode != "resume":
+            raise RunError("--from-epoch rolls back an existing run: use it with resume")
+        run = Run.open(run_url, cfg, break_lock=break_lock, reset=from_epoch == 0)
+        try:
+            if from_epoch > 0:
+                rollback(run, from_epoch)
+            check_run(run, deep=True)
+        except BaseException:
+            run.close()
+            raise
+        return run
+    run = _open_or_create(run_url, cfg, mode, break_lock)
+    try:
+        check_run(run, deep=True)
+    except BaseException:
+        run.close()
+        raise
+    return run
+
+
+def _open_or_create(run_url: str, cfg: Config, mode: str, break_lock: bool | str) -> Run:
     if mode == "create":
         return Run.create(run_url, cfg)
     if mode == "resume":
@@ -98,7 +123,8 @@ def _exists(run_url: str) -> bool:
 
 @flow(name="nbody-dt-train", log_prints=True)
 def train(run_url: str = "", config: dict | None = None, config_path: str | None = None,
-          overrides: list[str] | None = None, mode: str = "auto", break_lock: bool | str = False) -> dict:
+          overrides: list[str] | None = None, mode: str = "auto", break_lock: bool | str = False,
+          from_epoch: int | None = None) -> dict:
     """Train (or continue training) the run at run_url; returns the run summary.
 
     config: a config dict, or config_path + overrides (TOML file, dotted key=value); none of
@@ -106,6 +132,8 @@ def train(run_url: str = "", config: dict | None = None, config_path: str | None
     may change on resume; any other difference is refused. break_lock: take over the writer
     lock of a dead writer; "stale": only if that writer ran on this host and is gone (what the
     deployments use, so that a killed run does not lock out its retry and the runs after it).
+    from_epoch (resume only): discard everything from that epoch on first (the explicit way out
+    when the run's storage is damaged; a damaged run is otherwise refused, never repaired).
     """
     if break_lock not in (False, True, "stale"):
         raise ValueError(f"break_lock must be true, false or 'stale', got {break_lock!r}")
@@ -115,7 +143,7 @@ def train(run_url: str = "", config: dict | None = None, config_path: str | None
     # Reach the evaluator (e.g. a remote Dask scheduler) before anything is written to the run.
     evaluator = make_evaluator(cfg)
     try:
-        run = open_run(run_url, cfg, mode, break_lock)
+        run = open_run(run_url, cfg, mode, break_lock, from_epoch)
     except BaseException:
         evaluator.close()
         raise
@@ -136,6 +164,8 @@ def train(run_url: str = "", config: dict | None = None, config_path: str | None
         create_markdown_artifact(markdown=_summary_markdown(summary), key="nbody-dt-summary",
                                  description="nbody-dt training summary")
         return summary
+    except RunError:
+        raise  # damage, a lost lock, unreachable storage: the message names the object and the way out
     except Exception as exc:
         where = f" at epoch {stage[0]} stage {stage[1]}" if stage[0] is not None else ""
         raise TrainingFailed(f"training failed{where}: {type(exc).__name__}: {exc}. The run is at {run.url}; "

@@ -11,14 +11,14 @@ import hashlib
 import io
 import json
 import pickle
-import warnings
 
 import torch
 
 from nbody_dt.faults import crash_point
+from nbody_dt.storage.errors import RunError, one_line
+from nbody_dt.storage.run import CHECKPOINTS_DIR as FOLDER
 from nbody_dt.storage.run import Run, now_iso, parse_stage_key, stage_key
 
-FOLDER = "checkpoints"
 SIDECAR = ".json"
 
 
@@ -53,24 +53,37 @@ def list_checkpoints(run: Run) -> list[tuple[int, str]]:
 
 
 def load_latest_checkpoint(run: Run, map_location="cpu") -> tuple[int, str, dict] | None:
-    """(epoch, stage, payload) of the newest intact checkpoint, or None if there is none.
+    """(epoch, stage, payload) of the newest committed checkpoint, or None if there is none.
 
-    A checkpoint whose data is missing, fails its checksum or cannot be loaded is skipped with a
-    warning naming it, and the previous one is tried.
+    A committed checkpoint whose data is missing, fails its checksum, is a copy of another
+    checkpoint or cannot be loaded is damage, not a crash (the data is written before its
+    sidecar): RunError naming it, never a silent fall-back to an older one.
     """
-    for epoch, stage, name in reversed(_committed(run)):
-        where = f"{run.url}/{FOLDER}/{name}"
-        try:
-            sidecar = json.loads(run.read_bytes(f"{FOLDER}/{name}{SIDECAR}"))
-            data = run.read_bytes(f"{FOLDER}/{name}")
-            if hashlib.sha256(data).hexdigest() != sidecar["sha256"]:
-                raise ValueError("sha256 checksum mismatch")
-            payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as exc:
-            warnings.warn(f"checkpoint {where} is unusable ({exc}); falling back to the previous one", stacklevel=2)
-            continue
-        return epoch, stage, payload
-    return None
+    committed = _committed(run)
+    if not committed:
+        return None
+    epoch, stage, _ = committed[-1]
+    return epoch, stage, load_checkpoint(run, epoch, stage, map_location)
+
+
+def load_checkpoint(run: Run, epoch: int, stage: str, map_location="cpu") -> dict:
+    """The payload of the committed (epoch, stage) checkpoint; RunError naming it if it is not
+    committed or damaged."""
+    name = stage_key(epoch, stage) + ".pt"
+    where = f"{run.url}/{FOLDER}/{name}"
+    try:
+        sidecar = json.loads(run.read_bytes(f"{FOLDER}/{name}{SIDECAR}"))
+        if not isinstance(sidecar, dict) or (sidecar.get("epoch"), sidecar.get("stage")) != (epoch, stage):
+            raise ValueError(f"its sidecar {name}{SIDECAR} describes another checkpoint")
+        data = run.read_bytes(f"{FOLDER}/{name}")
+        if hashlib.sha256(data).hexdigest() != sidecar.get("sha256"):
+            raise ValueError("sha256 checksum mismatch")
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        if not isinstance(payload, dict):
+            raise ValueError("not a checkpoint payload")
+    except Exception as exc:  # unreadable, truncated, garbage: torch's own messages span many lines
+        raise RunError(f"damaged checkpoint {where}: {one_line(exc)}") from exc
+    return payload
 
 
 def _committed(run: Run) -> list[tuple[int, str, str]]:

@@ -2,6 +2,9 @@
 
 One object per record makes every write independent and whole (temp + rename locally, one PUT
 on object stores), so a crash loses at most the record being written, never an earlier one.
+Every object also names its own (epoch, stage), so a stale copy of another record under this
+name is recognized. A ledger mark may carry details of what the stage committed (persist: the
+epoch's row range and digests, a second copy of the trajectory's commit for that epoch).
 """
 
 from __future__ import annotations
@@ -11,10 +14,9 @@ import json
 import numpy as np
 
 from nbody_dt.storage.errors import RunError, one_line
+from nbody_dt.storage.run import LEDGER_DIR as LEDGER
+from nbody_dt.storage.run import METRICS_DIR as METRICS
 from nbody_dt.storage.run import Run, now_iso, parse_stage_key, stage_key
-
-METRICS = "metrics"
-LEDGER = "ledger"
 
 
 def write_metrics(run: Run, epoch: int, stage: str, record: dict) -> None:
@@ -29,7 +31,8 @@ def write_metrics(run: Run, epoch: int, stage: str, record: dict) -> None:
         if not isinstance(value, (bool, int, float, str)):
             raise TypeError(f"metrics[{key!r}] is a {type(value).__name__}; records hold numbers and strings")
         clean[key] = value
-    run.write_bytes(f"{METRICS}/{stage_key(epoch, stage)}.json", json.dumps(clean, sort_keys=True).encode())
+    run.write_bytes(f"{METRICS}/{stage_key(epoch, stage)}.json",
+                    json.dumps({**clean, "epoch": epoch, "stage": stage}, sort_keys=True).encode())
 
 
 def read_metrics(run: Run, epoch: int | None = None) -> list[dict]:
@@ -39,17 +42,38 @@ def read_metrics(run: Run, epoch: int | None = None) -> list[dict]:
         key = parse_stage_key(name)
         if key is None or key[2] != ".json" or (epoch is not None and key[0] != epoch):
             continue
-        try:
-            record = json.loads(run.read_bytes(f"{METRICS}/{name}"))
-        except (OSError, ValueError) as exc:
-            raise RunError(f"corrupt metrics record {run.url}/{METRICS}/{name}: {one_line(exc)}") from exc
-        out.append({"epoch": key[0], "stage": key[1], **record})
+        record = _read_record(run, f"{METRICS}/{name}", key[0], key[1])
+        out.append({"epoch": key[0], "stage": key[1],
+                    **{k: v for k, v in record.items() if k not in ("epoch", "stage")}})
     return out
 
 
-def mark_done(run: Run, epoch: int, stage: str) -> None:
-    """Record that (epoch, stage) completed; a restart skips it."""
-    run.write_bytes(f"{LEDGER}/{stage_key(epoch, stage)}", json.dumps({"time": now_iso()}).encode())
+def _read_record(run: Run, rel: str, epoch: int, stage: str) -> dict:
+    """A JSON object of the run that names (epoch, stage) itself; RunError naming it if it is
+    unreadable, not an object, or a copy of another stage's record (records written before they
+    named themselves are taken as they are)."""
+    where = f"{run.url}/{rel}"
+    try:
+        record = json.loads(run.read_bytes(rel))
+    except (OSError, ValueError) as exc:
+        raise RunError(f"damaged record {where}: {one_line(exc)}") from exc
+    if not isinstance(record, dict):
+        raise RunError(f"damaged record {where}: not a JSON object")
+    if "epoch" in record and (record.get("epoch"), record.get("stage")) != (epoch, stage):
+        raise RunError(f"damaged record {where}: it holds the record of epoch {record.get('epoch')} "
+                       f"stage {record.get('stage')} (a stale or misplaced copy)")
+    return record
+
+
+def mark_done(run: Run, epoch: int, stage: str, details: dict | None = None) -> None:
+    """Record that (epoch, stage) completed, with optional JSON `details`; a restart skips it."""
+    mark = {**(details or {}), "time": now_iso(), "epoch": epoch, "stage": stage}
+    run.write_bytes(f"{LEDGER}/{stage_key(epoch, stage)}", json.dumps(mark, sort_keys=True).encode())
+
+
+def read_mark(run: Run, epoch: int, stage: str) -> dict:
+    """The ledger mark of a completed (epoch, stage), checked like a metrics record."""
+    return _read_record(run, f"{LEDGER}/{stage_key(epoch, stage)}", epoch, stage)
 
 
 def is_done(run: Run, epoch: int, stage: str) -> bool:

@@ -20,8 +20,8 @@ import json
 import os
 import re
 import socket
+import logging
 import uuid
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,11 +35,16 @@ from nbody_dt.storage.errors import RunError, one_line
 from nbody_dt.storage.trajectory_store import TrajectoryStore
 
 PACKAGE = "nbody-dt"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # 1: no row digests, and all-fill-value chunks were not stored
 STAGES = ("collect", "persist", "replay", "epoch")
 META_FILE = "run.json"
 LOCK_FILE = "lock.json"
 TRAJECTORY_DIR = "trajectory.zarr"
+CHECKPOINTS_DIR, METRICS_DIR, LEDGER_DIR = "checkpoints", "metrics", "ledger"
+PROGRESS = (LEDGER_DIR, CHECKPOINTS_DIR, METRICS_DIR, TRAJECTORY_DIR)  # what --from-epoch 0 discards, in order
+
+log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"e(\d+)-(\d)-([a-z]+)(\..+)?")
 
@@ -98,6 +103,12 @@ def _describe_holder(holder: dict | None) -> str:
     return text
 
 
+def _alive_here(holder: dict | None) -> bool:
+    """Held by a process of this host that is still running."""
+    return (bool(holder) and holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+            and _pid_alive(holder["pid"]))
+
+
 def _stale_here(holder: dict | None) -> bool:
     """Held by a process of this host that is no longer running (a killed writer)."""
     return (bool(holder) and holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
@@ -118,6 +129,7 @@ class Run:
         self.config: Config = from_dict(meta["config"])
         self.created: str = meta["created"]
         self.package_version: str = meta["package_version"]
+        self.schema_version: int = meta["schema_version"]
         self._fs = fs
         self._root = root
         self._meta = meta
@@ -155,11 +167,12 @@ class Run:
 
     @classmethod
     def open(cls, url: str | Path, config: Config | None = None, *, write: bool = True,
-             break_lock: bool | str = False, storage_options: dict | None = None) -> Run:
+             break_lock: bool | str = False, storage_options: dict | None = None, reset: bool = False) -> Run:
         """An existing run. With `config`, it must equal the stored one except in resume-safe keys,
         whose new values are then stored. `write` takes the writer lock; `break_lock` takes it over
-        from a dead writer (with a warning naming it); `break_lock="stale"` only from a writer of
-        this host whose process is gone."""
+        from a dead writer (with a warning naming it), never from a writer still running on this
+        host; `break_lock="stale"` only from a writer of this host whose process is gone. `reset`
+        (a writer only) discards all progress first: ledger, checkpoints, metrics, trajectory."""
         url, fs, root = _resolve(url, storage_options)
         meta = _read_meta(fs, root, url)
         changed = False
@@ -167,17 +180,23 @@ class Run:
             meta, changed = _adopt_config(meta, config, url)
         run = cls(url, fs, root, meta, write, storage_options)
         if write:
-            run._start(break_lock, rewrite_meta=changed)
+            run._start(break_lock, rewrite_meta=changed, reset=reset)
         else:
             run._open_trajectory()
         return run
 
-    def _start(self, break_lock: bool | str, rewrite_meta: bool) -> None:
-        """Take the writer lock, store updated metadata, open (and trim) the trajectory; release on failure."""
+    def _start(self, break_lock: bool | str, rewrite_meta: bool, reset: bool = False) -> None:
+        """Take the writer lock, store updated metadata, (reset,) open the trajectory; release on failure."""
         self._acquire_lock(break_lock)
         try:
             if rewrite_meta:
                 self.write_bytes(META_FILE, _json_bytes(self._meta))
+            if reset:
+                for folder in PROGRESS:
+                    self.check_lock(f"(discarding) {self.url}/{folder}")
+                    log.warning("discarding %s/%s (--from-epoch 0)", self.url, folder)
+                    with contextlib.suppress(FileNotFoundError):
+                        self._fs.rm(self._path(folder), recursive=True)
             self._open_trajectory()
         except BaseException:
             self.close()
@@ -186,7 +205,8 @@ class Run:
     def _open_trajectory(self) -> None:
         self.trajectory = TrajectoryStore.open(self._zarr_store(), writable=self.writable,
                                                dtype=self.config.torch_dtype,
-                                               chunk_rows=self.config.storage.chunk_rows, where=self._where())
+                                               chunk_rows=self.config.storage.chunk_rows, where=self._where(),
+                                               present=bool(self.listdir(TRAJECTORY_DIR)), fence=self.check_lock)
 
     def _where(self) -> str:
         return f"{self.url}/{TRAJECTORY_DIR}"
@@ -206,22 +226,56 @@ class Run:
         except FileExistsError:
             current = self._read_lock()
             desc = _describe_holder(current)
+            if _alive_here(current):
+                raise RunError(f"run {self.url} is locked by a writer that is still running ({desc}); "
+                               "stop it first (a live writer's lock is never broken)") from None
             if break_lock == "stale":
                 break_lock = _stale_here(current)
             if not break_lock:
                 raise RunError(f"run {self.url} is locked by another writer ({desc}); if that writer is dead, "
                                "open it with break_lock=True (--break-lock)") from None
-            warnings.warn(f"breaking the lock of run {self.url} held by {desc}", stacklevel=4)
+            self._break_lock(current, holder, desc)
+        self._lock_token = token
+
+    def _break_lock(self, stale: dict | None, holder: bytes, desc: str) -> None:
+        """Replace the lock `stale` by `holder` as one compare-and-swap, built from exclusive creates
+        only (O_EXCL-style links locally, If-None-Match PUTs on object stores): a breaker first
+        claims `lock.json.break-<stale token>`, which exactly one breaker of that lock can create,
+        then checks that the lock still holds that token, and only then replaces it."""
+        lost = RunError(f"run {self.url}: another writer took the lock while it was being broken")
+        stale_token = (stale or {}).get("token")
+        claim = f"{LOCK_FILE}.break-{stale_token if isinstance(stale_token, str) else 'unreadable'}"
+        try:
+            self._create_exclusive(claim, holder)
+        except FileExistsError:
+            raise lost from None
+        try:
+            if self._read_lock() != stale:
+                raise lost
+            log.warning("breaking the lock of run %s held by %s", self.url, desc)
             self._fs.rm_file(self._path(LOCK_FILE))
             try:
                 self._create_exclusive(LOCK_FILE, holder)
             except FileExistsError:
-                raise RunError(f"run {self.url}: another writer took the lock while it was broken") from None
-        self._lock_token = token
+                raise lost from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm_file(self._path(claim))
+
+    def check_lock(self, what: str) -> None:
+        """Fence a write: RunError unless this run still holds its writer lock (another process
+        may have broken it), raised before `what` is written."""
+        holder = self._read_lock()
+        if self._lock_token is None or holder is None or holder.get("token") != self._lock_token:
+            raise RunError(f"run {self.url}: this writer no longer holds the lock "
+                           f"({'no lock file' if holder is None else _describe_holder(holder)}); "
+                           f"stopped before writing {what}")
 
     def _read_lock(self) -> dict | None:
+        path = self._path(LOCK_FILE)
+        self._fs.invalidate_cache(path)
         try:
-            holder = json.loads(self.read_bytes(LOCK_FILE))
+            holder = json.loads(self._fs.cat_file(path))
         except (OSError, ValueError):
             return None
         return holder if isinstance(holder, dict) else None
@@ -238,8 +292,7 @@ class Run:
         if holder is not None and holder.get("token") == token:
             self._fs.rm_file(self._path(LOCK_FILE))
         else:
-            warnings.warn(f"the lock of run {self.url} was taken over by another writer; left in place",
-                          stacklevel=2)
+            log.warning("the lock of run %s was taken over by another writer; left in place", self.url)
 
     def __enter__(self) -> Run:
         return self
@@ -260,14 +313,17 @@ class Run:
             raise RunError(f"run {self.url} is not open for writing")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a whole object: local temp file + fsync + rename, or one PUT on object stores."""
+        """Write a whole object: local temp file + fsync + rename (+ fsync of the folder), or one
+        PUT on object stores. Fenced: refused once this writer has lost its lock."""
         self._require_writable()
+        self.check_lock(f"{self.url}/{rel}")
         path = self._path(rel)
         if not self._local:
             self._fs.pipe_file(path, data)
             return
         tmp = self._local_temp(path, data)
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path))
 
     def _create_exclusive(self, rel: str, data: bytes) -> None:
         """Write a whole object that must not exist yet; FileExistsError if it does."""
@@ -280,6 +336,7 @@ class Run:
             os.link(tmp, path)  # atomic, and unlike rename it refuses to replace
         finally:
             os.unlink(tmp)
+        _fsync_dir(os.path.dirname(path))
 
     @staticmethod
     def _local_temp(path: str, data: bytes) -> str:
@@ -307,11 +364,30 @@ class Run:
         except FileNotFoundError:
             return []
 
+    def find(self, rel: str) -> set[str]:
+        """Every object below a folder of the run, as paths relative to that folder (freshly listed)."""
+        path = self._path(rel)
+        self._fs.invalidate_cache(path)
+        try:
+            return {p[len(path) + 1:] for p in self._fs.find(path)}
+        except FileNotFoundError:
+            return set()
+
     def remove(self, rel: str) -> None:
-        """Delete an object if it exists."""
+        """Delete an object if it exists (fenced like write_bytes)."""
         self._require_writable()
+        self.check_lock(f"(removing) {self.url}/{rel}")
         with contextlib.suppress(FileNotFoundError):
             self._fs.rm_file(self._path(rel))
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename or link in `folder` durable (POSIX: the directory entry needs its own fsync)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_meta(fs, root: str, url: str) -> dict:
@@ -335,9 +411,9 @@ def _read_meta(fs, root: str, url: str) -> dict:
         raise RunError(f"corrupt run metadata {where}: {one_line(exc)}") from exc
     if not isinstance(meta, dict) or meta.get("package") != PACKAGE:
         raise RunError(f"{url} is not an nbody-dt run ({META_FILE} was written by something else)")
-    if meta.get("schema_version") != SCHEMA_VERSION:
+    if meta.get("schema_version") not in READABLE_SCHEMAS:
         raise RunError(f"run {url} has storage schema version {meta.get('schema_version')!r}; nbody-dt "
-                       f"{__version__} reads version {SCHEMA_VERSION}")
+                       f"{__version__} reads versions {', '.join(map(str, READABLE_SCHEMAS))}")
     missing = {"config", "created", "package_version"} - meta.keys()
     if missing:
         raise RunError(f"corrupt run metadata {where}: {', '.join(sorted(missing))} missing")

@@ -5,14 +5,23 @@ float dtype; orbit, step, epoch, prev (R,) int64; warmup (R,) bool. Blosc/zstd c
 `chunk_rows` rows per chunk, no sharding (a shard is rewritten whole on every append).
 
 Crash safety: an append resizes and writes every array first and then commits with one write
-of the group attributes: the committed row count, each orbit's last row (for the next prev
-links) and the row range of every committed epoch. Readers use only committed rows and never
-trust array shapes; a writer trims rows beyond the commit when it opens the store.
+of the group attributes (the commit marker): the committed row count, each orbit's last row
+(for the next prev links), and per committed epoch its row range and a digest of every column
+of its rows. Readers use only committed rows and never trust array shapes; rows beyond the
+commit (an append that never committed) are overwritten by the next append.
+
+Nothing is written when a store is opened (the group is created by the first append), and an
+open store is checked: a marker that is missing where arrays exist, that contradicts itself or
+the arrays' lengths, or a missing array is refused naming the object. `verify_rows` reads every
+committed row and checks it against the digests and the prev links (resume does this);
+`missing_chunks` finds chunk objects that a committed row needs but storage lacks (every chunk
+is written, even when it holds only fill values, so a missing one is always damage).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -35,6 +44,8 @@ from nbody_dt.training.trajectory import (
 )
 
 COMMIT_ATTR = "nbody_dt_commit"
+EMPTY_COMMIT = {"rows": 0, "last_row_of_orbit": [], "epochs": []}
+ARRAY_CONFIG = {"write_empty_chunks": True}
 ROW_COLUMNS = ("position", "velocity", "mass", *FLOAT_COLUMNS, *INT_COLUMNS, "warmup")
 COLUMNS = (*ROW_COLUMNS, "prev")
 WINDOWS = ("epoch", "all", "last")
@@ -63,40 +74,72 @@ def _pause_before_commit() -> None:
 class TrajectoryStore:
     """The committed rows of one run's trajectory.zarr. A read-only store is a snapshot taken at open."""
 
-    def __init__(self, group: zarr.Group | None, dtype: torch.dtype, chunk_rows: int, writable: bool,
-                 where: str, commit: dict):
+    def __init__(self, store, group: zarr.Group | None, dtype: torch.dtype, chunk_rows: int, writable: bool,
+                 where: str, commit: dict, fence=None):
         self.where = where
         self.writable = writable
+        self._store = store
         self._group = group
+        self._fence = fence
         self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         self._chunk_rows = chunk_rows
-        self._arrays = {} if group is None else {n: a for n, a in group.arrays() if n in COLUMNS}
+        self._arrays = {} if group is None else {
+            n: a.with_config(ARRAY_CONFIG) for n, a in group.arrays() if n in COLUMNS}
         self._rows: int = commit["rows"]
         self._last = np.asarray(commit["last_row_of_orbit"], dtype=np.int64)
-        self._epochs: dict[int, tuple[int, int]] = {int(e): (int(a), int(b)) for e, a, b in commit["epochs"]}
+        self._epochs: dict[int, tuple[int, int]] = {int(e[0]): (int(e[1]), int(e[2])) for e in commit["epochs"]}
+        self._digests: dict[int, dict] = {int(e[0]): e[3] for e in commit["epochs"] if len(e) > 3}
 
     @classmethod
-    def open(cls, store, *, writable: bool, dtype: torch.dtype, chunk_rows: int, where: str) -> TrajectoryStore:
-        """Open the store (a writer also creates it, and trims uncommitted rows); `where` names it in errors."""
-        empty = {"rows": 0, "last_row_of_orbit": [], "epochs": []}
+    def open(cls, store, *, writable: bool, dtype: torch.dtype, chunk_rows: int, where: str, present: bool,
+             fence=None) -> TrajectoryStore:
+        """Open the store without writing anything; `present`: whether storage holds any object of it
+        (then its group metadata and commit marker must be there). `where` names it in errors;
+        `fence(what)` is called before every commit (the writer lock check)."""
+        group = None
+        if present:
+            try:
+                group = zarr.open_group(store, mode="r+" if writable else "r", zarr_format=3)
+            except FileNotFoundError:
+                raise RunError(f"damaged trajectory store: {where}/zarr.json (the group metadata holding the "
+                               "commit marker) is missing") from None
+            except Exception as exc:
+                raise RunError(f"damaged trajectory store: {where}/zarr.json is unreadable: {one_line(exc)}") from exc
         try:
-            group = zarr.open_group(store, mode="a" if writable else "r", zarr_format=3)
-        except FileNotFoundError:
-            group = None  # read-only, before the first append created it
+            commit = EMPTY_COMMIT if group is None else group.attrs[COMMIT_ATTR]
+            out = cls(store, group, dtype, chunk_rows, writable, where, commit, fence)
+        except KeyError:
+            raise RunError(f"damaged trajectory store: {where}/zarr.json holds no commit marker "
+                           f"({COMMIT_ATTR})") from None
         except Exception as exc:
-            raise RunError(f"corrupt trajectory store {where}: {one_line(exc)}") from exc
-        try:
-            commit = empty if group is None else group.attrs.get(COMMIT_ATTR, empty)
-            out = cls(group, dtype, chunk_rows, writable, where, commit)
-        except Exception as exc:
-            raise RunError(f"corrupt trajectory store {where}: {one_line(exc)}") from exc
-        for name, arr in out._arrays.items():
-            if arr.shape[0] < out._rows:
-                raise RunError(f"corrupt trajectory store {where}: {name} holds {arr.shape[0]} rows, "
-                               f"{out._rows} are committed")
-            if writable and arr.shape[0] > out._rows:
-                arr.resize((out._rows, *arr.shape[1:]))  # drop the rows of an append that never committed
+            raise RunError(f"damaged trajectory store: the commit marker in {where}/zarr.json is unreadable: "
+                           f"{one_line(exc)}") from exc
+        out._check_commit()
         return out
+
+    def _check_commit(self) -> None:
+        """The commit marker agrees with itself and with the arrays (no data read)."""
+        bad = f"damaged trajectory store: the commit marker in {self.where}/zarr.json"
+        expected_start = 0
+        for epoch in sorted(self._epochs):
+            start, stop = self._epochs[epoch]
+            if start != expected_start or stop < start:
+                raise RunError(f"{bad} has epoch {epoch} at rows [{start}, {stop}), which does not follow "
+                               f"the previous epoch's end {expected_start}")
+            expected_start = stop
+        if expected_start != self._rows:
+            raise RunError(f"{bad} counts {self._rows} rows, its epochs cover {expected_start}")
+        if self._last.size and (self._last.max() >= self._rows or self._last.min() < -1):
+            raise RunError(f"{bad} links orbits to rows beyond its {self._rows} committed rows")
+        if self._rows == 0:
+            return
+        for name in COLUMNS:
+            arr = self._arrays.get(name)
+            if arr is None:
+                raise RunError(f"damaged trajectory store: {self.where}/{name}/zarr.json (array metadata) is missing")
+            if arr.shape[0] < self._rows:
+                raise RunError(f"damaged trajectory store: {self.where}/{name} holds {arr.shape[0]} rows, "
+                               f"{self._rows} are committed")
 
     # -- the commit -------------------------------------------------------------------------
 
@@ -134,17 +177,46 @@ class TrajectoryStore:
         last = np.full(max(len(self._last), int(cols["orbit"].max(initial=-1)) + 1), -1, dtype=np.int64)
         last[:len(self._last)] = self._last
         cols["prev"], last = link_previous(cols["orbit"], last, start)
+        if self._fence:
+            self._fence(f"{self.where} (rows of epoch {epoch})")
+        if self._group is None:
+            self._group = zarr.create_group(self._store, zarr_format=3, attributes={COMMIT_ATTR: EMPTY_COMMIT})
         if stop > start:
             arrays = {name: self._array(name, data).async_array for name, data in cols.items()}
             _concurrently(a.resize((stop, *a.shape[1:])) for a in arrays.values())
             _concurrently(a.setitem(slice(start, stop), cols[name]) for name, a in arrays.items())
         _pause_before_commit()
         epochs = {**self._epochs, epoch: (start, stop)}
-        commit = {"rows": stop, "last_row_of_orbit": last.tolist(),
-                  "epochs": [[e, a, b] for e, (a, b) in sorted(epochs.items())]}
-        self._group.attrs.update({COMMIT_ATTR: commit})
-        self._rows, self._last, self._epochs = stop, last, epochs
+        digests = {**self._digests, epoch: column_digests(cols)}
+        if self._fence:
+            self._fence(f"the commit marker of {self.where}")
+        self._group.attrs.update({COMMIT_ATTR: _commit(stop, last, epochs, digests)})
+        self._rows, self._last, self._epochs, self._digests = stop, last, epochs, digests
         return stop
+
+    def epoch_digests(self, epoch: int) -> dict | None:
+        """{column: digest} of a committed epoch's rows (None for a store written before digests)."""
+        return self._digests.get(epoch)
+
+    def rollback(self, epochs: dict[int, tuple[int, int]], digests: dict[int, dict]) -> None:
+        """Commit exactly `epochs` (ranges from 0, as they were committed before) and their digests,
+        dropping every later row: the explicit rollback of `nbody-dt resume --from-epoch`. The kept
+        rows must pass `verify_rows` first; the orbits' last rows are derived from them."""
+        if not self.writable:
+            raise RunError(f"trajectory store {self.where} is not open for writing")
+        rows = max((b for _, b in epochs.values()), default=0)
+        orbit = self.columns(("orbit",), 0, rows)["orbit"] if rows else np.zeros(0, dtype=np.int64)
+        last = np.full(int(orbit.max(initial=-1)) + 1, -1, dtype=np.int64)
+        last[orbit] = np.arange(rows)  # numpy assigns in order: each orbit ends at its last row
+        if self._fence:
+            self._fence(f"the commit marker of {self.where} (rollback)")
+        commit = _commit(rows, last, epochs, {e: digests[e] for e in epochs})
+        if self._group is None:
+            self._group = zarr.create_group(self._store, zarr_format=3, attributes={COMMIT_ATTR: commit})
+        else:
+            self._group.attrs.update({COMMIT_ATTR: commit})
+        self._rows, self._last, self._epochs = rows, last, dict(epochs)
+        self._digests = {e: digests[e] for e in epochs}
 
     def _validated(self, rows: Rows, epoch: int) -> dict[str, np.ndarray]:
         """The rows as numpy columns, checked against the run's dtype, shapes and `epoch`."""
@@ -172,11 +244,84 @@ class TrajectoryStore:
         arr = self._arrays.get(name)
         if arr is None:
             arr = self._group.create_array(name, shape=(0, *tail), chunks=(self._chunk_rows, *tail),
-                                           dtype=data.dtype, compressors=_COMPRESSOR, fill_value=0)
+                                           dtype=data.dtype, compressors=_COMPRESSOR, fill_value=0,
+                                           config=ARRAY_CONFIG)
             self._arrays[name] = arr
         elif arr.shape[1:] != tail:
             raise ValueError(f"rows.{name} has per-row shape {tail}; {self.where} holds {arr.shape[1:]}")
         return arr
+
+    # -- checking stored rows -------------------------------------------------------------------
+
+    def verify_rows(self, epochs: dict[int, tuple[int, int]] | None = None,
+                    digests: dict[int, dict] | None = None) -> None:
+        """Read committed rows: each epoch's columns must match their digests, rows carry their
+        epoch, and prev links point back to an earlier row of the same orbit; by default every
+        committed epoch against the commit marker (then also each orbit's last row), or the given
+        `epochs` and `digests` (a rollback's). RunError naming the damaged array and chunks."""
+        whole = epochs is None
+        epochs = self._epochs if whole else epochs
+        digests = self._digests if whole else digests
+        rows = max((b for _, b in epochs.values()), default=0)
+        orbit = self._read_checked("orbit", 0, rows)
+        for epoch, (start, stop) in sorted(epochs.items()):
+            epoch_digests = digests.get(epoch)
+            for name in COLUMNS:
+                data = orbit[start:stop] if name == "orbit" else self._read_checked(name, start, stop)
+                if epoch_digests is not None and stop > start and _digest(data) != epoch_digests.get(name):
+                    raise RunError(f"damaged trajectory store: {self._chunks_of(name, start, stop)} (rows "
+                                   f"[{start}, {stop}) of epoch {epoch}) do not match their commit digest")
+                if name == "epoch" and (data != epoch).any():
+                    raise RunError(f"damaged trajectory store: {self._chunks_of(name, start, stop)} hold rows "
+                                   f"of another epoch than {epoch}")
+                if name == "prev":
+                    here = np.arange(start, stop)
+                    linked = data >= 0
+                    if (data >= here).any() or (data < -1).any() or (
+                            orbit[data[linked]] != orbit[start:stop][linked]).any():
+                        raise RunError(f"damaged trajectory store: {self._chunks_of(name, start, stop)} link "
+                                       "rows to rows that are not earlier steps of the same orbit")
+        if not whole:
+            return
+        if rows and orbit.max() >= len(self._last):
+            raise RunError(f"damaged trajectory store: the commit marker in {self.where}/zarr.json lacks orbits "
+                           "that its rows hold")
+        last = np.full(len(self._last), -1, dtype=np.int64)
+        last[orbit] = np.arange(rows)
+        if not np.array_equal(last, self._last):
+            raise RunError(f"damaged trajectory store: the commit marker in {self.where}/zarr.json disagrees "
+                           "with its rows about each orbit's last row")
+
+    def _read_checked(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one column as stored (committed or not); RunError naming what is damaged."""
+        if stop == start:
+            return self._empty(name)
+        arr = self._arrays.get(name)
+        if arr is None or arr.shape[0] < stop:
+            raise RunError(f"damaged trajectory store: {self.where}/{name} is missing or holds fewer than "
+                           f"{stop} rows")
+        try:
+            return arr[start:stop]
+        except Exception as exc:  # a truncated or garbage chunk fails to decode
+            raise RunError(f"damaged trajectory store: {self._chunks_of(name, start, stop)} cannot be read: "
+                           f"{one_line(exc)}") from exc
+
+    def _chunks_of(self, name: str, start: int, stop: int) -> str:
+        """'<where>/<name>/c/<i>..' naming the chunk objects of rows [start, stop)."""
+        size = self._arrays[name].chunks[0] if name in self._arrays else self._chunk_rows
+        first, last = start // size, max(start, stop - 1) // size
+        return f"{self.where}/{name}/c/{first}" + ("" if first == last else f"..{last}")
+
+    def expected_chunks(self) -> list[str]:
+        """The chunk object keys (relative to the store) that the committed rows need."""
+        keys = []
+        for name in COLUMNS:
+            arr = self._arrays.get(name)
+            if arr is None or not self._rows:
+                continue
+            tail = "/0" * (arr.ndim - 1)
+            keys += [f"{name}/c/{i}{tail}" for i in range(-(-self._rows // arr.chunks[0]))]
+        return keys
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -229,6 +374,23 @@ class TrajectoryStore:
         else:
             raise ValueError(f"unknown window {kind!r} (expected one of {', '.join(WINDOWS)})")
         return StoredWindow(self, start, stop, history_len)
+
+
+def _digest(data: np.ndarray) -> str:
+    """A short content digest of one column block (dtype, shape and bytes)."""
+    h = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode())
+    h.update(np.ascontiguousarray(data).tobytes())
+    return h.hexdigest()[:32]
+
+
+def column_digests(cols: dict[str, np.ndarray]) -> dict[str, str]:
+    return {name: _digest(cols[name]) for name in COLUMNS}
+
+
+def _commit(rows: int, last: np.ndarray, epochs: dict, digests: dict) -> dict:
+    """The commit marker: row count, orbits' last rows, [epoch, start, stop, digests] per epoch."""
+    return {"rows": rows, "last_row_of_orbit": np.asarray(last).tolist(),
+            "epochs": [[e, a, b, digests[e]] for e, (a, b) in sorted(epochs.items())]}
 
 
 class StoredWindow:

@@ -79,10 +79,10 @@ def _checkpoint_and_finish(url: str, epoch: int, stage: str, training: Training,
     return _finish(url, epoch, stage, metrics)
 
 
-def _finish(url: str, epoch: int, stage: str, metrics: dict) -> dict:
+def _finish(url: str, epoch: int, stage: str, metrics: dict, details: dict | None = None) -> dict:
     run = runtime.run(url)
     write_metrics(run, epoch, stage, metrics)
-    mark_done(run, epoch, stage)
+    mark_done(run, epoch, stage, details)
     runtime.notify({"epoch": epoch, "stage": stage, **metrics})
     return metrics
 
@@ -114,7 +114,8 @@ def persist(run_url: str, run_id: str, epoch: int) -> dict:
     wall = time.perf_counter() - start
     metrics = {"persist_rows": len(rows), "persist_total_rows": total, "persist_wall_s": wall,
                "persist_rows_per_s": len(rows) / wall if wall > 0 else 0.0}
-    return _finish(run_url, epoch, "persist", metrics)
+    committed = {"rows": list(run.trajectory.epoch_range(epoch)), "digests": run.trajectory.epoch_digests(epoch)}
+    return _finish(run_url, epoch, "persist", metrics, committed)
 
 
 @_stage_task("replay")
