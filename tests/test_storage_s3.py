@@ -49,9 +49,8 @@ def test_s3_round_trip(s3_options):  # noqa: F811
 
         key = f"{url}/checkpoints/e0000001-0-collect.pt"
         run._fs.pipe_file(key.removeprefix("s3://"), b"garbage")
-        with pytest.warns(UserWarning, match="e0000001-0-collect.pt"):
-            epoch, stage, payload = load_latest_checkpoint(run)
-        assert (epoch, stage, payload["note"]) == (0, "epoch", "first")
+        with pytest.raises(RunError, match="damaged checkpoint .*e0000001-0-collect.pt: sha256"):
+            load_latest_checkpoint(run)
         assert read_metrics(run) == [{"epoch": 1, "stage": "replay", "replay_iterations": 3,
                                       "replay_final_pass_rate": 1.0}]
         assert completed(run) == [(1, "collect")]

@@ -77,40 +77,30 @@ def _run_config(run_url: str, config: dict | None, config_path: str | None, over
 
 def open_run(run_url: str, cfg: Config, mode: str, break_lock: bool | str, from_epoch: int | None = None) -> Run:
     """mode 'create': a new run; 'resume': an existing one; 'auto': whichever applies. The run is
-    checked (integrity.check_run) before it is returned; `from_epoch` (resume only) first discards
-    everything from that epoch on, the explicit way out of damage."""
-    if from_epoch is not None:
-        if mode != "resume":
-            raise RunError("--from-epoch rolls back an existing run: use it with resume")
+    checked (integrity.check_run) before anything is written to it; `from_epoch` (resume only)
+    first discards everything from that epoch on, the explicit way out of damage."""
+    if from_epoch is not None and mode != "resume":
+        raise RunError("--from-epoch rolls back an existing run: use it with resume")
+    if mode == "create":
+        run = Run.create(run_url, cfg)
+    elif mode == "resume":
         run = Run.open(run_url, cfg, break_lock=break_lock, reset=from_epoch == 0)
+    else:
         try:
-            if from_epoch > 0:
-                rollback(run, from_epoch)
-            check_run(run, deep=True)
-        except BaseException:
-            run.close()
-            raise
-        return run
-    run = _open_or_create(run_url, cfg, mode, break_lock)
+            run = Run.open(run_url, cfg, break_lock=break_lock)
+        except RunError:
+            if _exists(run_url):
+                raise
+            run = Run.create(run_url, cfg)
     try:
+        if from_epoch:
+            rollback(run, from_epoch)
         check_run(run, deep=True)
+        run.save_config()
     except BaseException:
         run.close()
         raise
     return run
-
-
-def _open_or_create(run_url: str, cfg: Config, mode: str, break_lock: bool | str) -> Run:
-    if mode == "create":
-        return Run.create(run_url, cfg)
-    if mode == "resume":
-        return Run.open(run_url, cfg, break_lock=break_lock)
-    try:
-        return Run.open(run_url, cfg, break_lock=break_lock)
-    except RunError:
-        if _exists(run_url):
-            raise
-        return Run.create(run_url, cfg)
 
 
 def _exists(run_url: str) -> bool:

@@ -69,8 +69,21 @@ def load_latest_checkpoint(run: Run, map_location="cpu") -> tuple[int, str, dict
 def load_checkpoint(run: Run, epoch: int, stage: str, map_location="cpu") -> dict:
     """The payload of the committed (epoch, stage) checkpoint; RunError naming it if it is not
     committed or damaged."""
+    data = verified_checkpoint_bytes(run, epoch, stage)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        if not isinstance(payload, dict):
+            raise ValueError("not a checkpoint payload")
+    except Exception as exc:  # torch's own messages span many lines
+        raise RunError(f"damaged checkpoint {run.url}/{FOLDER}/{stage_key(epoch, stage)}.pt: "
+                       f"{one_line(exc)}") from exc
+    return payload
+
+
+def verified_checkpoint_bytes(run: Run, epoch: int, stage: str) -> bytes:
+    """The data of the committed (epoch, stage) checkpoint after checking it against its sidecar
+    (its name, size and sha256); RunError naming it otherwise."""
     name = stage_key(epoch, stage) + ".pt"
-    where = f"{run.url}/{FOLDER}/{name}"
     try:
         sidecar = json.loads(run.read_bytes(f"{FOLDER}/{name}{SIDECAR}"))
         if not isinstance(sidecar, dict) or (sidecar.get("epoch"), sidecar.get("stage")) != (epoch, stage):
@@ -78,12 +91,9 @@ def load_checkpoint(run: Run, epoch: int, stage: str, map_location="cpu") -> dic
         data = run.read_bytes(f"{FOLDER}/{name}")
         if hashlib.sha256(data).hexdigest() != sidecar.get("sha256"):
             raise ValueError("sha256 checksum mismatch")
-        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict):
-            raise ValueError("not a checkpoint payload")
-    except Exception as exc:  # unreadable, truncated, garbage: torch's own messages span many lines
-        raise RunError(f"damaged checkpoint {where}: {one_line(exc)}") from exc
-    return payload
+    except Exception as exc:
+        raise RunError(f"damaged checkpoint {run.url}/{FOLDER}/{name}: {one_line(exc)}") from exc
+    return data
 
 
 def _committed(run: Run) -> list[tuple[int, str, str]]:

@@ -12,7 +12,7 @@ out: it discards everything from an epoch on, and only when the user asks for it
 from __future__ import annotations
 
 from nbody_dt.storage.checkpoints import FOLDER as CHECKPOINTS
-from nbody_dt.storage.checkpoints import SIDECAR, list_checkpoints, load_checkpoint
+from nbody_dt.storage.checkpoints import SIDECAR, list_checkpoints, load_checkpoint, verified_checkpoint_bytes
 from nbody_dt.storage.errors import RunError
 from nbody_dt.storage.metrics import LEDGER, METRICS, completed, read_mark, read_metrics
 from nbody_dt.storage.run import STAGES, TRAJECTORY_DIR, Run, parse_stage_key, stage_key
@@ -39,8 +39,9 @@ def _way_out(run: Run) -> str:
 
 def check_run(run: Run, *, deep: bool) -> None:
     """RunError naming the first damaged object of `run`, unless its objects agree (above).
-    `deep` also reads every committed trajectory row against its digests and links (resume);
-    without it only metadata and listings are read (report)."""
+    `deep` also reads every committed trajectory row against its digests and links, and the
+    newest checkpoint against its sidecar (resume); without it only metadata, records and
+    listings are read (report)."""
     try:
         _check(run, deep)
     except RunError as exc:
@@ -95,6 +96,8 @@ def _check(run: Run, deep: bool) -> None:
                            "although the ledger marks that stage done")
     if deep:
         store.verify_rows()
+        if checkpoints:
+            verified_checkpoint_bytes(run, *checkpoints[-1])
 
 
 def rollback(run: Run, from_epoch: int) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from nbody_dt.storage.integrity import check_run
 from nbody_dt.storage.metrics import read_metrics
 from nbody_dt.storage.run import Run
 
@@ -20,8 +21,9 @@ _MAX_ORBITS_PLOTTED = 8
 
 
 def _load(run_url, storage_options) -> tuple[Run, list[dict]]:
-    """The run (read-only) and its per-epoch rows."""
+    """The run (read-only, checked: a damaged run is refused, not reported) and its per-epoch rows."""
     with Run.open(run_url, write=False, storage_options=storage_options) as run:
+        check_run(run, deep=False)
         return run, _epoch_rows(read_metrics(run), run.trajectory.epochs())
 
 

@@ -135,6 +135,7 @@ class Run:
         self._meta = meta
         self._local = isinstance(fs, LocalFileSystem)
         self._lock_token: str | None = None
+        self._config_changed = False
         self.trajectory: TrajectoryStore | None = None
 
     # -- creating and opening -------------------------------------------------------------
@@ -162,14 +163,14 @@ class Run:
             raise exists from None
         except Exception as exc:
             raise RunError(f"cannot create a run at {url}: {one_line(exc)}") from exc
-        run._start(break_lock=False, rewrite_meta=False)
+        run._start(break_lock=False)
         return run
 
     @classmethod
     def open(cls, url: str | Path, config: Config | None = None, *, write: bool = True,
              break_lock: bool | str = False, storage_options: dict | None = None, reset: bool = False) -> Run:
         """An existing run. With `config`, it must equal the stored one except in resume-safe keys,
-        whose new values are then stored. `write` takes the writer lock; `break_lock` takes it over
+        whose new values `save_config()` stores. `write` takes the writer lock; `break_lock` takes it over
         from a dead writer (with a warning naming it), never from a writer still running on this
         host; `break_lock="stale"` only from a writer of this host whose process is gone. `reset`
         (a writer only) discards all progress first: ledger, checkpoints, metrics, trajectory."""
@@ -180,17 +181,16 @@ class Run:
             meta, changed = _adopt_config(meta, config, url)
         run = cls(url, fs, root, meta, write, storage_options)
         if write:
-            run._start(break_lock, rewrite_meta=changed, reset=reset)
+            run._config_changed = changed
+            run._start(break_lock, reset=reset)
         else:
             run._open_trajectory()
         return run
 
-    def _start(self, break_lock: bool | str, rewrite_meta: bool, reset: bool = False) -> None:
-        """Take the writer lock, store updated metadata, (reset,) open the trajectory; release on failure."""
+    def _start(self, break_lock: bool | str, reset: bool = False) -> None:
+        """Take the writer lock, (reset,) open the trajectory; release the lock on failure."""
         self._acquire_lock(break_lock)
         try:
-            if rewrite_meta:
-                self.write_bytes(META_FILE, _json_bytes(self._meta))
             if reset:
                 for folder in PROGRESS:
                     self.check_lock(f"(discarding) {self.url}/{folder}")
@@ -201,6 +201,13 @@ class Run:
         except BaseException:
             self.close()
             raise
+
+    def save_config(self) -> None:
+        """Store the resume-safe config changes this writer was opened with (run.json); called once
+        the run has been checked, so that a refused resume leaves run.json as it was."""
+        if self._config_changed:
+            self.write_bytes(META_FILE, _json_bytes(self._meta))
+            self._config_changed = False
 
     def _open_trajectory(self) -> None:
         self.trajectory = TrajectoryStore.open(self._zarr_store(), writable=self.writable,

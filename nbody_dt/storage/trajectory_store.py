@@ -74,8 +74,8 @@ def _pause_before_commit() -> None:
 class TrajectoryStore:
     """The committed rows of one run's trajectory.zarr. A read-only store is a snapshot taken at open."""
 
-    def __init__(self, store, group: zarr.Group | None, dtype: torch.dtype, chunk_rows: int, writable: bool,
-                 where: str, commit: dict, fence=None):
+    def __init__(self, store, group: zarr.Group | None, arrays: dict[str, zarr.Array], dtype: torch.dtype,
+                 chunk_rows: int, writable: bool, where: str, commit: dict, fence=None):
         self.where = where
         self.writable = writable
         self._store = store
@@ -83,8 +83,7 @@ class TrajectoryStore:
         self._fence = fence
         self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         self._chunk_rows = chunk_rows
-        self._arrays = {} if group is None else {
-            n: a.with_config(ARRAY_CONFIG) for n, a in group.arrays() if n in COLUMNS}
+        self._arrays = arrays
         self._rows: int = commit["rows"]
         self._last = np.asarray(commit["last_row_of_orbit"], dtype=np.int64)
         self._epochs: dict[int, tuple[int, int]] = {int(e[0]): (int(e[1]), int(e[2])) for e in commit["epochs"]}
@@ -105,9 +104,18 @@ class TrajectoryStore:
                                "commit marker) is missing") from None
             except Exception as exc:
                 raise RunError(f"damaged trajectory store: {where}/zarr.json is unreadable: {one_line(exc)}") from exc
+        arrays = {}
+        for name in COLUMNS if group is not None else ():
+            try:
+                arrays[name] = group[name].with_config(ARRAY_CONFIG)
+            except KeyError:
+                continue  # not created yet (or lost: _check_commit tells which)
+            except Exception as exc:
+                raise RunError(f"damaged trajectory store: {where}/{name}/zarr.json (array metadata) is "
+                               f"unreadable: {one_line(exc)}") from exc
         try:
             commit = EMPTY_COMMIT if group is None else group.attrs[COMMIT_ATTR]
-            out = cls(store, group, dtype, chunk_rows, writable, where, commit, fence)
+            out = cls(store, group, arrays, dtype, chunk_rows, writable, where, commit, fence)
         except KeyError:
             raise RunError(f"damaged trajectory store: {where}/zarr.json holds no commit marker "
                            f"({COMMIT_ATTR})") from None
