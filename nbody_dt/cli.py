@@ -114,13 +114,15 @@ def load_learned(source: str):
     from nbody_dt.config import from_dict
     from nbody_dt.model.evaluate import StepCriteria
     from nbody_dt.storage import Run, load_latest_checkpoint
+    from nbody_dt.storage.errors import one_line
     from nbody_dt.training.setup import load_model
 
     if Path(source).is_file():
         try:
             payload = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UsageError(f"--checkpoint {source}: not a readable nbody-dt checkpoint ({exc})") from None
+        except Exception as exc:  # torch's messages span lines and advise weights_only=False: never that
+            reason = "not loadable with weights_only=True" if "weights_only" in str(exc) else one_line(exc)
+            raise UsageError(f"--checkpoint {source}: not a readable nbody-dt checkpoint ({reason})") from None
     else:
         with Run.open(source, write=False) as run:
             latest = load_latest_checkpoint(run)
@@ -349,17 +351,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_prefect_tracebacks() -> None:
-    """Prefect logs a failed flow's or task's traceback on the terminal before our one-line error;
-    without --verbose those records keep their message and lose the traceback."""
+    """Prefect logs a failed flow's or task's exception (with its traceback) on the terminal before
+    our one-line error says the same; without --verbose those records are dropped."""
     import logging
 
-    class _NoTraceback(logging.Filter):
+    class _NoFailureRecords(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            record.exc_info = record.exc_text = None
-            return True
+            return record.exc_info is None
 
-    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
-        logging.getLogger(name).addFilter(_NoTraceback())
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoFailureRecords())
 
 
 if __name__ == "__main__":

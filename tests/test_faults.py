@@ -90,11 +90,15 @@ class Store:
 
     def files(self) -> dict[str, bytes]:
         self.fs.invalidate_cache()
-        return {p[len(self.root) + 1:]: self.fs.cat_file(p) for p in self.fs.find(self.root)}
+        paths = self.fs.find(self.root)
+        return {p[len(self.root) + 1:]: data for p, data in self.fs.cat(paths).items()} if paths else {}
 
     def write(self, files: dict[str, bytes]) -> None:
-        for rel, data in files.items():
-            self.put(rel, data)
+        if self.fs.protocol == "file" or "file" in self.fs.protocol:
+            for rel, data in files.items():
+                self.put(rel, data)
+        else:  # object stores: one concurrent batch of PUTs
+            self.fs.pipe({f"{self.root}/{rel}": data for rel, data in files.items()})
 
     def put(self, rel: str, data: bytes) -> None:
         path = f"{self.root}/{rel}"
