@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in argv
     if not verbose:
-        _quiet_prefect_tracebacks()
+        _quiet_prefect_terminal()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -350,9 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def _quiet_prefect_tracebacks() -> None:
+def _quiet_prefect_terminal() -> None:
     """Prefect logs a failed flow's or task's exception (with its traceback) on the terminal before
-    our one-line error says the same; without --verbose those records are dropped."""
+    our one-line error says the same, and its background services report their flush while the
+    process exits; without --verbose those records are dropped."""
     import logging
 
     class _NoFailureRecords(logging.Filter):
@@ -361,6 +362,8 @@ def _quiet_prefect_tracebacks() -> None:
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_NoFailureRecords())
+    for service in ("EventsWorker", "APILogWorker"):  # "still processing items" notices while exiting
+        logging.getLogger(service).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

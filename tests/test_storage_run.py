@@ -60,6 +60,10 @@ def test_resume_safe_keys_may_change_and_are_stored(tmp_path):
     new = small_config("epochs=40", "storage.keep_checkpoints=7", "compute.evaluator='dask'")
     with Run.open(tmp_path / "run", new) as run:
         assert run.config == new
+    with Run.open(tmp_path / "run", write=False) as run:  # stored only once the writer saves them ...
+        assert run.config == small_config()
+    with Run.open(tmp_path / "run", new) as run:
+        run.save_config()  # ... which the flow does after checking the run
     with Run.open(tmp_path / "run", write=False) as run:
         assert run.config == new
 
@@ -151,3 +155,36 @@ def test_corrupt_trajectory_store_releases_the_lock(tmp_path):
         one_line_error(excinfo, "damaged trajectory store", "trajectory.zarr/zarr.json")
     assert meta.read_text() == "{broken"
     assert not (tmp_path / "run" / "lock.json").exists()
+
+
+def test_a_writer_whose_lock_was_broken_stops_before_its_next_write(tmp_path):
+    """A forced second writer (the first looked like another host's, so --break-lock could not
+    check it): the first writer's next commit is refused and no committed row is lost."""
+    url = tmp_path / "run"
+    first = Run.create(url, small_config())
+    epoch0 = make_rows(0, [0, 1], 3)
+    first.trajectory.append(epoch0, 0)
+    lock = url / "lock.json"
+    lock.write_text(json.dumps({**json.loads(lock.read_text()), "host": "another-host"}))
+    with Run.open(url, break_lock=True) as second:
+        epoch1 = make_rows(1, [0, 1], 2, first_step=3)
+        second.trajectory.append(epoch1, 1)
+        before = {p: p.read_bytes() for p in url.rglob("*") if p.is_file()}
+        for write in (lambda: first.trajectory.append(make_rows(1, [0, 1], 4, first_step=3), 1),
+                      lambda: first.write_bytes("metrics/x.json", b"{}"), lambda: first.remove("run.json")):
+            with pytest.raises(RunError) as excinfo:
+                write()
+            one_line_error(excinfo, "no longer holds the lock", "stopped before writing")
+        assert {p: p.read_bytes() for p in url.rglob("*") if p.is_file()} == before
+    first.close()  # leaves a lock it does not hold alone
+    with Run.open(url, write=False) as reader:
+        assert reader.trajectory.epochs() == {0: (0, 6), 1: (6, 10)}
+        reader.trajectory.verify_rows()
+
+
+def test_break_lock_never_takes_a_live_local_writer(tmp_path):
+    with Run.create(tmp_path / "run", small_config()):
+        for how in (True, "stale"):
+            with pytest.raises(RunError) as excinfo:
+                Run.open(tmp_path / "run", break_lock=how)
+            one_line_error(excinfo, "still running", "never broken")

@@ -58,6 +58,7 @@ def _check(run: Run, deep: bool) -> None:
     marks = {(e, s): read_mark(run, e, s) for e, s in done}
 
     store = run.trajectory
+    store.check_commit()
     committed = store.epochs()
     persisted = [e for e, s in done if s == "persist"]
     for epoch in persisted:

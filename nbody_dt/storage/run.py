@@ -210,10 +210,16 @@ class Run:
             self._config_changed = False
 
     def _open_trajectory(self) -> None:
-        self.trajectory = TrajectoryStore.open(self._zarr_store(), writable=self.writable,
-                                               dtype=self.config.torch_dtype,
-                                               chunk_rows=self.config.storage.chunk_rows, where=self._where(),
-                                               present=bool(self.listdir(TRAJECTORY_DIR)), fence=self.check_lock)
+        try:
+            self.trajectory = self._trajectory_store()
+        except RunError as exc:  # unreadable group metadata: only a fresh start can go on from here
+            raise RunError(f"{exc}; to discard all progress and start over under the stored config, run "
+                           f"'nbody-dt resume {self.url} --from-epoch 0'") from exc
+
+    def _trajectory_store(self) -> TrajectoryStore:
+        return TrajectoryStore.open(self._zarr_store(), writable=self.writable, dtype=self.config.torch_dtype,
+                                    chunk_rows=self.config.storage.chunk_rows, where=self._where(),
+                                    present=bool(self.listdir(TRAJECTORY_DIR)), fence=self.check_lock)
 
     def _where(self) -> str:
         return f"{self.url}/{TRAJECTORY_DIR}"

@@ -10,9 +10,9 @@ of the group attributes (the commit marker): the committed row count, each orbit
 of its rows. Readers use only committed rows and never trust array shapes; rows beyond the
 commit (an append that never committed) are overwritten by the next append.
 
-Nothing is written when a store is opened (the group is created by the first append), and an
-open store is checked: a marker that is missing where arrays exist, that contradicts itself or
-the arrays' lengths, or a missing array is refused naming the object. `verify_rows` reads every
+Nothing is written when a store is opened (the group is created by the first append).
+`check_commit` (run by every append and by integrity.check_run) refuses, naming the object, a
+marker that is missing, contradicts itself or the arrays' lengths, or a missing array. `verify_rows` reads every
 committed row and checks it against the digests and the prev links (resume does this);
 `missing_chunks` finds chunk objects that a committed row needs but storage lacks (every chunk
 is written, even when it holds only fill values, so a missing one is always damage).
@@ -88,6 +88,7 @@ class TrajectoryStore:
         self._last = np.asarray(commit["last_row_of_orbit"], dtype=np.int64)
         self._epochs: dict[int, tuple[int, int]] = {int(e[0]): (int(e[1]), int(e[2])) for e in commit["epochs"]}
         self._digests: dict[int, dict] = {int(e[0]): e[3] for e in commit["epochs"] if len(e) > 3}
+        self._damage: str | None = None
 
     @classmethod
     def open(cls, store, *, writable: bool, dtype: torch.dtype, chunk_rows: int, where: str, present: bool,
@@ -113,20 +114,24 @@ class TrajectoryStore:
             except Exception as exc:
                 raise RunError(f"damaged trajectory store: {where}/{name}/zarr.json (array metadata) is "
                                f"unreadable: {one_line(exc)}") from exc
+        damage = None
         try:
             commit = EMPTY_COMMIT if group is None else group.attrs[COMMIT_ATTR]
             out = cls(store, group, arrays, dtype, chunk_rows, writable, where, commit, fence)
-        except KeyError:
-            raise RunError(f"damaged trajectory store: {where}/zarr.json holds no commit marker "
-                           f"({COMMIT_ATTR})") from None
         except Exception as exc:
-            raise RunError(f"damaged trajectory store: the commit marker in {where}/zarr.json is unreadable: "
-                           f"{one_line(exc)}") from exc
-        out._check_commit()
+            damage = (f"damaged trajectory store: {where}/zarr.json holds no commit marker ({COMMIT_ATTR})"
+                      if isinstance(exc, KeyError) else
+                      f"damaged trajectory store: the commit marker in {where}/zarr.json is unreadable: "
+                      f"{one_line(exc)}")
+            out = cls(store, group, arrays, dtype, chunk_rows, writable, where, EMPTY_COMMIT, fence)
+        out._damage = damage
         return out
 
-    def _check_commit(self) -> None:
-        """The commit marker agrees with itself and with the arrays (no data read)."""
+    def check_commit(self) -> None:
+        """RunError unless the commit marker exists and agrees with itself and with the arrays (no
+        data read). Appends check it first; integrity.check_run checks it with the ledger."""
+        if self._damage:
+            raise RunError(self._damage)
         bad = f"damaged trajectory store: the commit marker in {self.where}/zarr.json"
         expected_start = 0
         for epoch in sorted(self._epochs):
@@ -174,6 +179,7 @@ class TrajectoryStore:
         """
         if not self.writable:
             raise RunError(f"trajectory store {self.where} is not open for writing")
+        self.check_commit()
         if epoch in self._epochs:
             return self._rows
         if self._epochs and epoch < max(self._epochs):
@@ -213,7 +219,7 @@ class TrajectoryStore:
         if not self.writable:
             raise RunError(f"trajectory store {self.where} is not open for writing")
         rows = max((b for _, b in epochs.values()), default=0)
-        orbit = self.columns(("orbit",), 0, rows)["orbit"] if rows else np.zeros(0, dtype=np.int64)
+        orbit = self._read_checked("orbit", 0, rows) if rows else np.zeros(0, dtype=np.int64)
         last = np.full(int(orbit.max(initial=-1)) + 1, -1, dtype=np.int64)
         last[orbit] = np.arange(rows)  # numpy assigns in order: each orbit ends at its last row
         if self._fence:
@@ -225,6 +231,7 @@ class TrajectoryStore:
             self._group.attrs.update({COMMIT_ATTR: commit})
         self._rows, self._last, self._epochs = rows, last, dict(epochs)
         self._digests = {e: digests[e] for e in epochs}
+        self._damage = None
 
     def _validated(self, rows: Rows, epoch: int) -> dict[str, np.ndarray]:
         """The rows as numpy columns, checked against the run's dtype, shapes and `epoch`."""
