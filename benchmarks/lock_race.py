@@ -52,7 +52,8 @@ def one_round(url: str, breakers: int, options: dict | None) -> tuple[int, Count
         except RunError as exc:
             text = str(exc)
             reasons["live writer" if "still running" in text else "taken while breaking"
-                    if "while it was being broken" in text else text[:80]] += 1
+                    if "while it was being broken" in text else "lock file between writers"
+                    if "unreadable lock file" in text else text[:80]] += 1
 
     threads = [threading.Thread(target=breaker) for _ in range(breakers)]
     for t in threads:
