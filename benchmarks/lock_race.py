@@ -13,8 +13,8 @@ against moto on loopback with --s3).
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import socket
 import subprocess
 import sys

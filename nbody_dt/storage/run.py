@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
-import logging
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
