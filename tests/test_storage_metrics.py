@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from storage_fixtures import make_rows, small_config
 
-from nbody_dt.storage import Run, completed, is_done, mark_done, read_metrics, write_metrics
+from nbody_dt.storage import Run, completed, is_done, mark_done, read_metrics, save_checkpoint, write_metrics
 from nbody_dt.storage.report import report_dict, report_table, write_plots
 
 
@@ -53,7 +53,10 @@ def filled(run):
                                              "seconds": 4.0, "status": "converged"})
         merged = {"collect_pass_rate": 0.5 + 0.1 * epoch, "replay_iterations": 10 - epoch, "seconds": 6.0}
         write_metrics(run, epoch, "epoch", merged)  # like the flow: copies of the stages' figures
+        write_metrics(run, epoch, "persist", {"persist_rows": 20})
         for stage in ("collect", "persist", "replay", "epoch"):
+            if stage in ("collect", "replay"):
+                save_checkpoint(run, epoch, stage, {"x": epoch})  # a consistent run: report checks it
             mark_done(run, epoch, stage)
     return run.url
 
