@@ -8,7 +8,8 @@ that shard's loss-sum gradients), and `reduce_shards` sums the shards' results i
 (training/dask_evaluator.py) runs the same function on workers and reduces with the same
 function on the driver. The shards are part of the run's config, not of the cluster, so the
 driver applies a bitwise identical update whichever evaluator and however many workers
-computed it (CPU, same dtype and torch threads).
+computed it (on the CPU, in the same dtype, with one torch thread in the driver as
+`compute.torch_threads` defaults to and in every worker as Dask's nannies start them).
 """
 
 from __future__ import annotations
