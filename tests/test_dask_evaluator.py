@@ -1,9 +1,10 @@
 """The Dask evaluator against the local one, on one LocalCluster of 2 worker processes.
 
-Checks: equal gradients (1e-10 relative, float64) for one minibatch and equal weights after a
-whole 2-epoch run; per-worker network caching; a worker killed mid-iteration (its shard is
-rerun elsewhere, same result); an unreachable scheduler (DaskUnavailable, fast); an evaluator
-that starts and closes its own LocalCluster; no Prefect/storage import.
+Checks: bitwise equal results (the run's reduction shards, computed and summed alike by both
+evaluators) for one minibatch (float64 and float32), a multi-iteration replay and a whole
+2-epoch run, on 1 and 2 workers; per-worker network caching; a worker killed mid-iteration (its
+shard is rerun elsewhere, same result); an unreachable scheduler (DaskUnavailable, one line,
+fast); an evaluator that starts and closes its own LocalCluster; no Prefect/storage import.
 """
 
 from __future__ import annotations
@@ -21,17 +22,20 @@ distributed = pytest.importorskip("distributed")
 
 from nbody_dt.config import Config, from_dict  # noqa: E402
 from nbody_dt.model.evaluate import StepCriteria  # noqa: E402
+from nbody_dt.config import ConfigError  # noqa: E402
+from nbody_dt.training import dask_evaluator, evaluators  # noqa: E402
 from nbody_dt.training.dask_evaluator import (  # noqa: E402
     FAULT_FILE_ENV,
     DaskEvaluator,
     DaskUnavailable,
     cached_networks,
     make_evaluator,
-    split_minibatch,
+    shard_arrays,
 )
 from nbody_dt.training.epoch import MemoryRun, train_epoch  # noqa: E402
-from nbody_dt.training.evaluators import LocalEvaluator  # noqa: E402
-from nbody_dt.training.replay import sample_minibatch  # noqa: E402
+from nbody_dt.training.evaluators import LocalEvaluator, split_minibatch  # noqa: E402
+from nbody_dt.training.replay import generalize_on_trajectory, sample_minibatch  # noqa: E402
+from nbody_dt.training.setup import make_optimizer  # noqa: E402
 from nbody_dt.training.setup import start_training  # noqa: E402
 
 # A tiny network and a band the untrained network misses often: replay has failing samples
@@ -56,11 +60,20 @@ def small_config(**sections) -> Config:
     return from_dict(data)
 
 
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    if a.numel() == 0:
-        return 0.0
-    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-300))
+def assert_same_result(a, b) -> None:
+    """Two MinibatchResults bit for bit: pass masks, errors, loss sums and counts, gradients."""
+    assert torch.equal(a.passed, b.passed) and a.passed.dtype == b.passed.dtype == torch.bool
+    assert a.rel_dE.dtype == b.rel_dE.dtype and torch.equal(a.rel_dE, b.rel_dE)
+    assert a.loss_sum == b.loss_sum and a.loss_count == b.loss_count
+    assert (a.grads is None) == (b.grads is None)
+    for ga, gb in zip(a.grads or [], b.grads or []):
+        assert ga.dtype == gb.dtype and ga.device == gb.device and torch.equal(ga, gb)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def run_two_epochs(cfg: Config, evaluator) -> tuple[dict, list[dict]]:
@@ -112,7 +125,7 @@ def trained(cfg):
 
 @pytest.fixture(scope="module")
 def local_run(cfg):
-    return run_two_epochs(cfg, LocalEvaluator())
+    return run_two_epochs(cfg, LocalEvaluator.from_config(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +137,26 @@ def test_split_minibatch_contiguous_and_nonempty(trained):
     _, window = trained
     mb = sample_minibatch(window, 7, torch.Generator().manual_seed(0))
     shards = split_minibatch(mb, 3)
-    assert [len(s[0]) for s in shards] == [2, 2, 3]
-    assert np.array_equal(np.concatenate([s[0] for s in shards]), mb.state.position.numpy())
-    assert all(isinstance(a, np.ndarray) for s in shards for a in s)
+    assert [len(s) for s in shards] == [2, 2, 3]
+    assert torch.equal(torch.cat([s.state.position for s in shards]), mb.state.position)
+    assert torch.equal(torch.cat([s.rows for s in shards]), mb.rows)
+    arrays = [shard_arrays(s) for s in shards]
+    assert all(isinstance(a, np.ndarray) and a.flags.c_contiguous for s in arrays for a in s)
+    assert np.array_equal(np.concatenate([s[5] for s in arrays]), mb.history.valid.numpy())
     assert len(split_minibatch(mb, 16)) == 7  # never an empty shard
+
+
+def test_workers_run_the_one_per_shard_function():
+    """The worker's per-shard computation is the local evaluator's function, not a copy."""
+    import ast
+    import inspect
+
+    assert dask_evaluator.evaluate_shard is evaluators.evaluate_shard
+    assert dask_evaluator.reduce_shards is evaluators.reduce_shards
+    tree = ast.parse(inspect.getsource(dask_evaluator))
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert {"evaluate_shard", "reduce_shards", "split_minibatch"} <= called
+    assert "evaluate_step" not in inspect.getsource(dask_evaluator)
 
 
 @pytest.mark.parametrize("loss_on", ["all", "failures"])
@@ -135,18 +164,14 @@ def test_gradients_equal_local(evaluator, trained, cfg, loss_on):
     model, window = trained
     mb = sample_minibatch(window, 64, torch.Generator().manual_seed(3))
     criteria = StepCriteria.from_config(cfg)
-    local = LocalEvaluator().evaluate(model, mb, criteria, loss_on)
+    local = LocalEvaluator.from_config(cfg).evaluate(model, mb, criteria, loss_on)
     dask = evaluator.evaluate(model, mb, criteria, loss_on)
-    assert evaluator.shards == 2
+    assert evaluator.shards == cfg.compute.reduction_shards == 4  # the config's, not the 2 workers'
     assert 0 < int(local.passed.sum()) < len(mb)  # some samples fail: gradients are not trivial
-    assert torch.equal(dask.passed, local.passed) and dask.passed.dtype == torch.bool
-    assert dask.rel_dE.dtype == local.rel_dE.dtype and rel_diff(local.rel_dE, dask.rel_dE) < 1e-10
-    assert dask.loss_count == local.loss_count
-    assert dask.loss_sum == pytest.approx(local.loss_sum, rel=1e-10)
     assert len(dask.grads) == len(local.grads) == len(list(model.parameters()))
-    for g_local, g_dask, p in zip(local.grads, dask.grads, model.parameters()):
+    for g_dask, p in zip(dask.grads, model.parameters()):
         assert g_dask.device.type == "cpu" and g_dask.dtype == p.dtype and g_dask.shape == p.shape
-        assert rel_diff(g_local, g_dask) < 1e-10
+    assert_same_result(local, dask)
 
 
 def test_no_gradients_when_every_sample_passes(evaluator, trained, cfg):
@@ -154,11 +179,10 @@ def test_no_gradients_when_every_sample_passes(evaluator, trained, cfg):
     mb = sample_minibatch(window, 64, torch.Generator().manual_seed(4))
     wide = dataclasses.replace(StepCriteria.from_config(cfg), energy_threshold=float("inf"), accept_lower=0.0)
     for loss_on in ("all", "failures"):
-        local = LocalEvaluator().evaluate(model, mb, wide, loss_on)
+        local = LocalEvaluator.from_config(cfg).evaluate(model, mb, wide, loss_on)
         dask = evaluator.evaluate(model, mb, wide, loss_on)
         assert bool(dask.passed.all()) and local.grads is None and dask.grads is None
-        assert dask.loss_count == local.loss_count
-        assert dask.loss_sum == pytest.approx(local.loss_sum, rel=1e-10)
+        assert_same_result(local, dask)
 
 
 def test_workers_cache_the_network_and_load_new_weights(evaluator, trained, cfg):
@@ -179,8 +203,7 @@ def test_workers_cache_the_network_and_load_new_weights(evaluator, trained, cfg)
         assert len(after[worker]) == 1 and after[worker][0]["device"] == "cpu"
         assert after[worker][0]["network_id"] == before[worker][0]["network_id"]  # not rebuilt
         assert after[worker][0]["weights_key"] != before[worker][0]["weights_key"]  # new weights loaded
-    expected = LocalEvaluator().evaluate(changed, mb, criteria, "all")
-    assert all(rel_diff(a, b) < 1e-10 for a, b in zip(expected.grads, result.grads))
+    assert_same_result(LocalEvaluator.from_config(cfg).evaluate(changed, mb, criteria, "all"), result)
 
 
 class LosingClient:
@@ -205,11 +228,11 @@ def test_driver_resubmits_an_iteration_whose_inputs_were_lost(evaluator, trained
     model, window = trained
     mb = sample_minibatch(window, 32, torch.Generator().manual_seed(9))
     criteria = StepCriteria.from_config(cfg)
-    expected = LocalEvaluator().evaluate(model, mb, criteria, "all")
+    expected = LocalEvaluator.from_config(cfg).evaluate(model, mb, criteria, "all")
     flaky = DaskEvaluator.from_client(cfg, LosingClient(evaluator.client, failures=1), max_attempts=2)
     result = flaky.evaluate(model, mb, criteria, "all")
     assert flaky.resubmissions == 1 and flaky.last_timings["attempts"] == 2
-    assert all(rel_diff(a, b) < 1e-10 for a, b in zip(expected.grads, result.grads))
+    assert_same_result(expected, result)
     hopeless = DaskEvaluator.from_client(cfg, LosingClient(evaluator.client, failures=5), max_attempts=2)
     with pytest.raises(RuntimeError, match="failed 2 times"):
         hopeless.evaluate(model, mb, criteria, "all")
@@ -226,46 +249,64 @@ def test_float32_run_dtype(cluster, trained):
     criteria = StepCriteria.from_config(cfg32)
     with DaskEvaluator(cfg32, cluster.scheduler_address) as ev:
         dask = ev.evaluate(model, mb, criteria, "all")
-    local = LocalEvaluator().evaluate(model, mb, criteria, "all")
+    local = LocalEvaluator.from_config(cfg32).evaluate(model, mb, criteria, "all")
     assert dask.rel_dE.dtype == torch.float32 and all(g.dtype == torch.float32 for g in dask.grads)
-    assert all(rel_diff(a, b) < 1e-4 for a, b in zip(local.grads, dask.grads))
+    assert_same_result(local, dask)
+
+
+def replay_weights(cfg: Config, trained, evaluator, iterations: int) -> dict:
+    """The weights after `iterations` replay iterations (all with failures) from the trained model."""
+    model64, window = trained
+    model = type(model64).from_config(cfg, 2)
+    model.load_state_dict(model64.state_dict())
+    optimizer = make_optimizer(cfg, model)
+    short = from_dict({**cfg.to_dict(), "replay": {**cfg.to_dict()["replay"], "steps": iterations}})
+    converged, done, _ = generalize_on_trajectory(model, window, optimizer, short, evaluator,
+                                                  torch.Generator().manual_seed(11))
+    assert not converged and done == iterations
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_multi_iteration_replay_bitwise_equal_on_1_and_2_workers(cluster, evaluator, trained, cfg):
+    local = replay_weights(cfg, trained, LocalEvaluator.from_config(cfg), 25)
+    assert_same_weights(local, replay_weights(cfg, trained, evaluator, 25))  # 2 workers, 4 shards
+    one = from_dict({**SMALL, "compute": {"evaluator": "dask", "dask_workers": 1}})
+    with make_evaluator(one) as ev1:
+        assert len(ev1.client.nthreads()) == 1 and ev1.shards == 4
+        assert_same_weights(local, replay_weights(cfg, trained, ev1, 25))
 
 
 def test_whole_run_equals_local(cfg, local_run, dask_run):
     weights_local, metrics_local = local_run
     weights_dask, metrics_dask = dask_run
     assert all(m["replay_iterations"] == cfg.replay.steps for m in metrics_local)  # failures all the way
-    for name in weights_local:
-        assert rel_diff(weights_local[name], weights_dask[name]) < 1e-10, name
+    assert_same_weights(weights_local, weights_dask)
     for ml, md in zip(metrics_local, metrics_dask):
         assert ml["collect_tries"] == md["collect_tries"]
         assert ml["replay_final_pass_rate"] == md["replay_final_pass_rate"]
 
 
-def test_whole_run_equals_local_with_loss_on_failures(evaluator):
-    cfg = small_config(loss={"on": "failures"})
-    with DaskEvaluator(cfg, evaluator.address) as ev:
+def test_whole_run_equals_local_on_one_worker_with_loss_on_failures(local_run):
+    cfg = small_config(loss={"on": "failures"}, compute={"evaluator": "dask", "dask_workers": 1})
+    with make_evaluator(cfg) as ev:
         weights_dask, _ = run_two_epochs(cfg, ev)
-    weights_local, _ = run_two_epochs(cfg, LocalEvaluator())
-    for name in weights_local:
-        assert rel_diff(weights_local[name], weights_dask[name]) < 1e-10, name
+    weights_local, _ = run_two_epochs(cfg, LocalEvaluator.from_config(cfg))
+    assert_same_weights(weights_local, weights_dask)
 
 
 def test_worker_killed_mid_iteration_run_goes_on_with_the_same_result(evaluator, cfg, fault_file, local_run,
                                                                        dask_run):
     """The first shard task of the run SIGKILLs its worker; the scheduler reruns that shard on
     the other worker (the nanny restarts the dead one) and the run ends bit-for-bit like the
-    run without the fault, i.e. like the local run to 1e-10."""
+    run without the fault and the local run."""
     workers_before = set(evaluator.client.nthreads())
     fault_file.write_text("kill the first worker that starts a shard\n")
     weights_faulted, _ = run_two_epochs(cfg, evaluator)
     assert not fault_file.exists()  # a shard task claimed the fault and killed its worker
     assert evaluator.resubmissions == 0  # the scheduler itself reran the lost shard
     assert workers_before - set(evaluator.client.nthreads())  # that worker is gone (a new one replaces it)
-    weights_dask, weights_local = dask_run[0], local_run[0]
-    for name in weights_local:
-        assert torch.equal(weights_faulted[name], weights_dask[name]), name
-        assert rel_diff(weights_local[name], weights_faulted[name]) < 1e-10, name
+    assert_same_weights(weights_faulted, dask_run[0])
+    assert_same_weights(weights_faulted, local_run[0])
 
 
 def test_unreachable_scheduler_fails_fast(cfg):
@@ -279,7 +320,7 @@ def test_unreachable_scheduler_fails_fast(cfg):
     assert time.perf_counter() - start < 15
     message = str(info.value)
     assert address in message and "\n" not in message
-    assert isinstance(info.value, RuntimeError)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ConfigError)  # the CLI prints it
 
 
 def test_make_evaluator(cluster, cfg):
@@ -300,7 +341,7 @@ def test_own_local_cluster_started_and_closed(trained):
     with make_evaluator(own) as ev:
         cluster = ev._cluster
         assert cluster is not None and ev.address is None
-        assert list(ev.client.nthreads().values()) == [1] and ev.shards == 1
+        assert list(ev.client.nthreads().values()) == [1] and ev.shards == own.compute.reduction_shards
     assert cluster.status.name == "closed" and ev.client is None
     with pytest.raises(RuntimeError, match="closed"):
         ev.evaluate(model, mb, StepCriteria.from_config(own), "all")

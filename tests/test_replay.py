@@ -13,7 +13,7 @@ import torch
 from nbody_dt import config as C
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.training.collect import collect_trajectory
-from nbody_dt.training.evaluators import LocalEvaluator, evaluate_minibatch_gradients
+from nbody_dt.training.evaluators import LocalEvaluator
 from nbody_dt.training.replay import (
     apply_gradients,
     evaluate_minibatch,
@@ -155,7 +155,7 @@ def test_evaluate_minibatch_is_one_step_per_sample(setup, loss_on):
     model.zero_grad()
     loss.backward()
     expected_grads = [p.grad.clone() for p in model.parameters()]
-    result = LocalEvaluator().evaluate(model, mb, StepCriteria.from_config(cfg), loss_on)
+    result = LocalEvaluator(1).evaluate(model, mb, StepCriteria.from_config(cfg), loss_on)
     assert result.loss_count == (12 if loss_on == "all" else metrics["fail_count"])
     assert torch.equal(result.passed, ev.passed) and torch.equal(result.rel_dE, ev.rel_dE)
     for g, e in zip(result.grads, expected_grads):
@@ -168,7 +168,7 @@ def test_apply_gradients_steps_on_the_mean_loss(setup):
     mb = sample_minibatch(traj, 12, torch.Generator().manual_seed(5))
     twin = copy.deepcopy(model)
     twin_opt = torch.optim.Adam(twin.parameters(), lr=0.01)
-    apply_gradients(model, opt, LocalEvaluator().evaluate(model, mb, StepCriteria.from_config(cfg), "all"))
+    apply_gradients(model, opt, LocalEvaluator(1).evaluate(model, mb, StepCriteria.from_config(cfg), "all"))
     _, loss, _, _ = evaluate_minibatch(twin, mb, cfg)
     twin_opt.zero_grad()
     loss.backward()
@@ -177,7 +177,7 @@ def test_apply_gradients_steps_on_the_mean_loss(setup):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
     # Nothing to learn from a minibatch that passes: no gradients, no step.
     wide = StepCriteria.from_config(cfg_for("collect.accept_lower=0", "collect.energy_threshold=1.0"))
-    result = evaluate_minibatch_gradients(model, mb, wide, "failures", skip_if_all_pass=True)
+    result = LocalEvaluator(3).evaluate(model, mb, wide, "failures")
     assert result.grads is None and bool(result.passed.all())
     before = [p.detach().clone() for p in model.parameters()]
     apply_gradients(model, opt, result)

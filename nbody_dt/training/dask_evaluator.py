@@ -3,15 +3,18 @@
 One `evaluate` call (one replay iteration) does, from the driver only (no task per shard in
 any orchestrator):
 
-1. split the minibatch into `shards` contiguous shards (one per worker thread by default);
+1. split the minibatch into the run's `compute.reduction_shards` contiguous shards
+   (`evaluators.split_minibatch`, the cut every evaluator makes; the number of workers only
+   decides where the shards run);
 2. broadcast the weights once to every worker (`client.scatter([weights], broadcast=True)`);
-3. submit one task per shard: `evaluate_shard` rebuilds the network once per worker (a
+3. submit one task per shard: `shard_task` rebuilds the network once per worker (a
    module-level cache keyed by the architecture), loads the broadcast weights into it, moves
-   it and the shard to the worker's GPU when it has one, runs the evaluation primitive
-   (`evaluate_minibatch_gradients(..., skip_if_all_pass=False)`) and returns the loss-sum
-   gradients, the pass mask and rel_dE as NumPy arrays (never CUDA tensors);
-4. sum the shards' results in shard order (deterministic for a given shard count) into one
-   `MinibatchResult` on the CPU, exactly what `LocalEvaluator` returns up to round-off.
+   it and the shard to the worker's GPU when it has one, runs `evaluators.evaluate_shard` (the
+   per-shard computation `LocalEvaluator` runs too) and returns its loss-sum gradients, pass
+   mask and rel_dE as NumPy arrays (never CUDA tensors);
+4. sum the shards' results in shard order with `evaluators.reduce_shards` (the reduction
+   `LocalEvaluator` uses) into one `MinibatchResult` on the CPU: on CPU workers, bitwise what
+   `LocalEvaluator` returns for the same config, whatever the number of workers.
 
 The network's spec (the run's config dict and the number of bodies) is sent once, with the
 first minibatch, as a task whose result the workers share (Dask recomputes it if lost); the
@@ -38,12 +41,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from nbody_dt.config import Config, from_dict
+from nbody_dt.config import Config, ConfigError, from_dict
 from nbody_dt.model.evaluate import StepCriteria
 from nbody_dt.model.history import History
 from nbody_dt.model.network import DtNetwork
 from nbody_dt.physics.state import State
-from nbody_dt.training.evaluators import Evaluator, LocalEvaluator, MinibatchResult, evaluate_minibatch_gradients
+from nbody_dt.training.evaluators import (
+    Evaluator,
+    LocalEvaluator,
+    MinibatchResult,
+    ShardResult,
+    evaluate_shard,
+    reduce_shards,
+    split_minibatch,
+)
 from nbody_dt.training.trajectory import Minibatch
 
 FAULT_FILE_ENV = "NBODY_DT_DASK_FAULT_FILE"
@@ -51,8 +62,11 @@ FAULT_FILE_ENV = "NBODY_DT_DASK_FAULT_FILE"
 task that manages to delete the file kills its own worker process (SIGKILL), mid-iteration."""
 
 
-class DaskUnavailable(RuntimeError):
-    """The Dask scheduler cannot be reached (or has no workers) within the timeout."""
+class DaskUnavailable(ConfigError, RuntimeError):
+    """The Dask scheduler cannot be reached (or has no workers) within the timeout.
+
+    A ConfigError (the configured `compute.dask_address` does not work), so that the command
+    line prints its one-line message like any other config error."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,14 +137,14 @@ def _maybe_inject_fault() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def evaluate_shard(spec: dict, weights: dict[str, np.ndarray], weights_key: str, shard: tuple[np.ndarray, ...],
-                   criteria: StepCriteria, loss_on: str) -> dict[str, Any]:
-    """Runs on a worker: the evaluation primitive on one shard with the broadcast weights.
+def shard_task(spec: dict, weights: dict[str, np.ndarray], weights_key: str, shard: tuple[np.ndarray, ...],
+               criteria: StepCriteria, loss_on: str) -> dict[str, Any]:
+    """Runs on a worker: `evaluators.evaluate_shard` on one shard with the broadcast weights.
 
     shard = (position, velocity, mass, history position, history velocity, history valid).
-    Returns passed (bool), rel_dE (float64), loss_sum, loss_count and grads (float64 arrays in
-    parameter order, or None when no sample of the shard carried loss), all on the CPU, and
-    compute_s (the task's own time, for profiling).
+    Returns passed (bool), rel_dE (the run's dtype), loss_sum, loss_count and grads (float64
+    arrays in parameter order, or None when no sample of the shard carried loss), all on the
+    CPU, and compute_s (the task's own time, for profiling).
     """
     _maybe_inject_fault()
     start = time.perf_counter()
@@ -140,15 +154,11 @@ def evaluate_shard(spec: dict, weights: dict[str, np.ndarray], weights_key: str,
         entry.model.load_state_dict({k: _tensor(v, device) for k, v in weights.items()})
         entry.weights_key = weights_key
     pos, vel, mass, hpos, hvel, hvalid = (_tensor(a, device) for a in shard)
-    minibatch = Minibatch(State(pos, vel, mass), History(hpos, hvel, hvalid),
-                          torch.zeros(0, dtype=torch.int64))
-    res = evaluate_minibatch_gradients(entry.model, minibatch, criteria, loss_on, skip_if_all_pass=False)
-    grads = None
-    if res.grads is not None:
-        grads = [g.detach().to("cpu", torch.float64).numpy() for g in res.grads]
-    return {"passed": res.passed.cpu().numpy().astype(bool), "rel_dE": res.rel_dE.cpu().double().numpy(),
-            "loss_sum": res.loss_sum, "loss_count": res.loss_count, "grads": grads,
-            "compute_s": time.perf_counter() - start}
+    minibatch = Minibatch(State(pos, vel, mass), History(hpos, hvel, hvalid), torch.zeros(0, dtype=torch.int64))
+    res = evaluate_shard(entry.model, minibatch, criteria, loss_on)
+    grads = None if res.grads is None else [g.detach().cpu().numpy() for g in res.grads]
+    return {"passed": res.passed.numpy(), "rel_dE": res.rel_dE.numpy(), "loss_sum": res.loss_sum,
+            "loss_count": res.loss_count, "grads": grads, "compute_s": time.perf_counter() - start}
 
 
 def worker_warm_up() -> str:
@@ -175,38 +185,20 @@ def clear_worker_cache() -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def split_minibatch(minibatch: Minibatch, shards: int) -> list[tuple[np.ndarray, ...]]:
-    """At most `shards` contiguous, non-empty shards of a minibatch as CPU NumPy arrays, in order."""
-    s, h = minibatch.state, minibatch.history
-    arrays = [t.detach().cpu().numpy() for t in (s.position, s.velocity, s.mass, h.position, h.velocity, h.valid)]
-    n = len(minibatch)
-    k = max(1, min(shards, n))
-    bounds = [n * i // k for i in range(k + 1)]
-    return [tuple(np.ascontiguousarray(a[lo:hi]) for a in arrays) for lo, hi in zip(bounds[:-1], bounds[1:])]
+def shard_arrays(shard: Minibatch) -> tuple[np.ndarray, ...]:
+    """A shard as the CPU NumPy arrays a shard task takes (see shard_task)."""
+    s, h = shard.state, shard.history
+    return tuple(np.ascontiguousarray(t.detach().cpu().numpy())
+                 for t in (s.position, s.velocity, s.mass, h.position, h.velocity, h.valid))
 
 
-def combine_shards(outs: list[dict], dtype: torch.dtype, param_dtypes: list[torch.dtype]) -> MinibatchResult:
-    """Sum shard results in shard order into one MinibatchResult (CPU tensors; grads None when
-    every sample passed, as LocalEvaluator returns them)."""
-    passed = torch.from_numpy(np.concatenate([o["passed"] for o in outs]))
-    rel_dE = torch.from_numpy(np.concatenate([o["rel_dE"] for o in outs])).to(dtype)
-    loss_sum, loss_count, total, owned = 0.0, 0, None, False
-    for o in outs:
-        loss_sum += o["loss_sum"]
-        loss_count += o["loss_count"]
-        if o["grads"] is None:
-            continue
-        if total is None:
-            total = o["grads"]
-        elif not owned:
-            total, owned = [t + g for t, g in zip(total, o["grads"])], True
-        else:
-            for t, g in zip(total, o["grads"]):
-                t += g
+def shard_result(out: dict) -> ShardResult:
+    """A shard task's output as the ShardResult `evaluate_shard` returned on the worker."""
     grads = None
-    if total is not None and not bool(passed.all()):
-        grads = [torch.from_numpy(g if g.flags.writeable else g.copy()).to(d) for g, d in zip(total, param_dtypes)]
-    return MinibatchResult(passed, rel_dE, loss_sum, loss_count, grads)
+    if out["grads"] is not None:
+        grads = [torch.from_numpy(g if g.flags.writeable else g.copy()) for g in out["grads"]]
+    return ShardResult(torch.from_numpy(out["passed"].copy()), torch.from_numpy(out["rel_dE"].copy()),
+                       out["loss_sum"], out["loss_count"], grads)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -222,8 +214,8 @@ class DaskEvaluator:
     processes for this evaluator, closed by `close()` (also a context manager). An unreachable
     scheduler, or one without a worker after `worker_timeout` seconds, raises DaskUnavailable
     here, before any training step.
-    shards: shards per minibatch; default the cluster's worker threads at construction (fixed
-    from then on, so a run's results do not depend on workers coming and going).
+    The minibatch is cut into the run's `compute.reduction_shards` shards, one task each,
+    whatever the number of workers (which only decides where the shards run).
     direct_to_workers: move weights and results between the driver and the workers directly
     rather than through the scheduler; default yes for the evaluator's own LocalCluster, Dask's
     default (through the scheduler) for an address, whose workers the driver may not reach.
@@ -237,7 +229,7 @@ class DaskEvaluator:
     """
 
     def __init__(self, cfg: Config, address: str | None = None, n_workers: int | None = None, *,
-                 shards: int | None = None, connect_timeout: float = 5.0, worker_timeout: float = 60.0,
+                 connect_timeout: float = 5.0, worker_timeout: float = 60.0,
                  max_attempts: int = 3, direct_to_workers: bool | None = None, cluster_kwargs: dict | None = None):
         import dask
         from distributed import Client, LocalCluster
@@ -275,21 +267,21 @@ class DaskEvaluator:
                 client.close()
                 raise DaskUnavailable(
                     f"Dask scheduler at {address} has no workers after {worker_timeout:g} s") from None
-        self._setup(cfg, client, cluster, address, shards, max_attempts, owns_client=True)
+        self._setup(cfg, client, cluster, address, max_attempts, owns_client=True)
 
     @classmethod
-    def from_client(cls, cfg: Config, client, *, shards: int | None = None, max_attempts: int = 3) -> DaskEvaluator:
+    def from_client(cls, cfg: Config, client, *, max_attempts: int = 3) -> DaskEvaluator:
         """An evaluator on an existing distributed.Client, which `close()` leaves open."""
         self = cls.__new__(cls)
-        self._setup(cfg, client, None, None, shards, max_attempts, owns_client=False)
+        self._setup(cfg, client, None, None, max_attempts, owns_client=False)
         return self
 
-    def _setup(self, cfg: Config, client, cluster, address, shards, max_attempts, owns_client) -> None:
+    def _setup(self, cfg: Config, client, cluster, address, max_attempts, owns_client) -> None:
         self._config = cfg.to_dict()
         self._client, self._cluster, self._owns_client = client, cluster, owns_client
         self.address = address
         self.max_attempts = max(1, max_attempts)
-        self.shards = shards or max(1, sum(client.nthreads().values()))
+        self.shards = cfg.compute.reduction_shards
         self._spec = None  # (num_bodies, future of the scattered network spec)
         self.resubmissions = 0
         """Iterations submitted again by the driver (the scheduler gave up on a shard, or lost data)."""
@@ -337,7 +329,7 @@ class DaskEvaluator:
         from distributed import KilledWorker
 
         t0 = time.perf_counter()
-        shards = split_minibatch(minibatch, self.shards)
+        shards = [shard_arrays(s) for s in split_minibatch(minibatch, self.shards)]
         # CPU weights are not copied: scatter returns once the workers hold their own copy, and the
         # optimizer changes them only after this call
         weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
@@ -348,8 +340,8 @@ class DaskEvaluator:
                 spec = self._spec_future(minibatch.state.num_bodies)
                 [wfuture] = self._client.scatter([weights], broadcast=True, hash=False)
                 t2 = time.perf_counter()
-                futures = [self._client.submit(evaluate_shard, spec, wfuture, wfuture.key, shard, criteria, loss_on,
-                                               key=f"evaluate_shard-{wfuture.key}-{i}", pure=False)
+                futures = [self._client.submit(shard_task, spec, wfuture, wfuture.key, shard, criteria, loss_on,
+                                               key=f"shard_task-{wfuture.key}-{i}", pure=False)
                            for i, shard in enumerate(shards)]
                 outs = self._client.gather(futures)
                 break
@@ -365,7 +357,7 @@ class DaskEvaluator:
                 for f in futures + ([wfuture] if wfuture is not None else []):
                     f.release()
         t3 = time.perf_counter()
-        result = combine_shards(outs, minibatch.state.dtype, [p.dtype for p in model.parameters()])
+        result = reduce_shards([shard_result(o) for o in outs], [p.dtype for p in model.parameters()])
         self.last_timings = {"prepare": t1 - t0, "scatter": t2 - t1, "tasks": t3 - t2,
                              "combine": time.perf_counter() - t3,
                              "worker_compute": max(o["compute_s"] for o in outs), "attempts": attempt}
@@ -376,7 +368,7 @@ def make_evaluator(cfg: Config) -> Evaluator:
     """The evaluator `compute.evaluator` names: LocalEvaluator, or a DaskEvaluator on
     `compute.dask_address` (a LocalCluster of `compute.dask_workers` workers when empty)."""
     if cfg.compute.evaluator == "local":
-        return LocalEvaluator()
+        return LocalEvaluator.from_config(cfg)
     if cfg.compute.evaluator == "dask":
         return DaskEvaluator(cfg, cfg.compute.dask_address or None, cfg.compute.dask_workers)
     raise ValueError(f"unknown compute.evaluator {cfg.compute.evaluator!r}")

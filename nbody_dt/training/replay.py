@@ -115,7 +115,7 @@ def generalize_on_trajectory(
     n = len(trajectory)
     if n == 0 or n < config.replay.min_size:
         return True, 0, _skipped(n)
-    evaluator = evaluator or LocalEvaluator()
+    evaluator = evaluator or LocalEvaluator.from_config(config)
     criteria = StepCriteria.from_config(config)
     bs, on = config.replay.batch_size, config.loss.on
     start = time.perf_counter()
