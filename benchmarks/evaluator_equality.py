@@ -8,9 +8,9 @@ Runs `nbody-dt train` (the CLI, Prefect flow included) one after the other: once
 `compute.evaluator=local`, then with `compute.evaluator=dask` and `compute.dask_workers=W` for
 each W, all with the same `--set` overrides, into OUT/local, OUT/dask1, ... A run with a
 finished summary (OUT/NAME.json) is reused and an unfinished one is resumed (`nbody-dt resume`),
-so an interrupted comparison continues where it stopped. Prints a Markdown table: wall time, per-stage metric records equal
-to the local run's (wall-time fields left out), and whether every tensor of the final
-checkpoint's model state_dict is `torch.equal` to the local run's.
+so an interrupted comparison continues where it stopped. Prints a Markdown table: wall time,
+per-stage metric records equal to the local run's (wall-time fields left out), and whether
+every tensor of the final checkpoint's model state_dict is `torch.equal` to the local run's.
 """
 
 from __future__ import annotations

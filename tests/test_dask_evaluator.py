@@ -20,9 +20,12 @@ import torch
 
 distributed = pytest.importorskip("distributed")
 
-from nbody_dt.config import Config, from_dict  # noqa: E402
+from nbody_dt.config import (  # noqa: E402
+    Config,
+    ConfigError,  # noqa: E402
+    from_dict,
+)
 from nbody_dt.model.evaluate import StepCriteria  # noqa: E402
-from nbody_dt.config import ConfigError  # noqa: E402
 from nbody_dt.training import dask_evaluator, evaluators  # noqa: E402
 from nbody_dt.training.dask_evaluator import (  # noqa: E402
     FAULT_FILE_ENV,
@@ -35,8 +38,7 @@ from nbody_dt.training.dask_evaluator import (  # noqa: E402
 from nbody_dt.training.epoch import MemoryRun, train_epoch  # noqa: E402
 from nbody_dt.training.evaluators import LocalEvaluator, split_minibatch  # noqa: E402
 from nbody_dt.training.replay import generalize_on_trajectory, sample_minibatch  # noqa: E402
-from nbody_dt.training.setup import make_optimizer  # noqa: E402
-from nbody_dt.training.setup import start_training  # noqa: E402
+from nbody_dt.training.setup import make_optimizer, start_training  # noqa: E402
 
 # A tiny network and a band the untrained network misses often: replay has failing samples
 # every iteration (10 iterations per epoch), and collection retrains as well.
