@@ -188,3 +188,29 @@ def test_break_lock_never_takes_a_live_local_writer(tmp_path):
             with pytest.raises(RunError) as excinfo:
                 Run.open(tmp_path / "run", break_lock=how)
             one_line_error(excinfo, "still running", "never broken")
+
+
+def test_a_schema_1_run_still_opens_checks_and_appends(tmp_path):
+    """A run as nbody-dt wrote it before row digests and reduction shards: readable, checked
+    as far as it can be, and it keeps computing what it computed (one reduction shard)."""
+    from nbody_dt.storage.integrity import check_run
+
+    url = tmp_path / "run"
+    with Run.create(url, small_config()) as run:
+        run.trajectory.append(make_rows(0, [0, 1], 3), 0)
+    meta_file = url / "run.json"
+    meta = json.loads(meta_file.read_text())
+    meta["schema_version"] = 1
+    del meta["config"]["compute"]["reduction_shards"]
+    meta_file.write_text(json.dumps(meta))
+    group = url / "trajectory.zarr" / "zarr.json"
+    zmeta = json.loads(group.read_text())
+    marker = zmeta["attributes"]["nbody_dt_commit"]
+    marker["epochs"] = [e[:3] for e in marker["epochs"]]
+    group.write_text(json.dumps(zmeta))
+    with Run.open(url) as run:
+        assert run.schema_version == 1 and run.config.compute.reduction_shards == 1
+        check_run(run, deep=True)
+        assert run.trajectory.append(make_rows(1, [0, 1], 2, first_step=3), 1) == 10
+        run.trajectory.verify_rows()
+        assert run.trajectory.epoch_digests(0) is None and run.trajectory.epoch_digests(1) is not None

@@ -430,11 +430,21 @@ def _read_meta(fs, root: str, url: str) -> dict:
     missing = {"config", "created", "package_version"} - meta.keys()
     if missing:
         raise RunError(f"corrupt run metadata {where}: {', '.join(sorted(missing))} missing")
+    _upgrade_config(meta)
     try:
         from_dict(meta["config"])
     except (ConfigError, TypeError, AttributeError) as exc:
         raise RunError(f"corrupt run metadata {where}: {one_line(exc)}") from exc
     return meta
+
+
+def _upgrade_config(meta: dict) -> None:
+    """Keys added since schema 1 get the value that reproduces what such a run computed:
+    compute.reduction_shards = 1 is the single-pass reduction of runs created before it."""
+    if meta["schema_version"] == 1 and isinstance(meta["config"], dict):
+        compute = meta["config"].setdefault("compute", {})
+        if isinstance(compute, dict):
+            compute.setdefault("reduction_shards", 1)
 
 
 def _lookup(tree: dict, dotted: str):

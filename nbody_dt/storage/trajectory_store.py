@@ -224,13 +224,13 @@ class TrajectoryStore:
         last[orbit] = np.arange(rows)  # numpy assigns in order: each orbit ends at its last row
         if self._fence:
             self._fence(f"the commit marker of {self.where} (rollback)")
-        commit = _commit(rows, last, epochs, {e: digests[e] for e in epochs})
+        commit = _commit(rows, last, epochs, digests)
         if self._group is None:
             self._group = zarr.create_group(self._store, zarr_format=3, attributes={COMMIT_ATTR: commit})
         else:
             self._group.attrs.update({COMMIT_ATTR: commit})
         self._rows, self._last, self._epochs = rows, last, dict(epochs)
-        self._digests = {e: digests[e] for e in epochs}
+        self._digests = {e: d for e, d in digests.items() if e in epochs}
         self._damage = None
 
     def _validated(self, rows: Rows, epoch: int) -> dict[str, np.ndarray]:
@@ -403,9 +403,10 @@ def column_digests(cols: dict[str, np.ndarray]) -> dict[str, str]:
 
 
 def _commit(rows: int, last: np.ndarray, epochs: dict, digests: dict) -> dict:
-    """The commit marker: row count, orbits' last rows, [epoch, start, stop, digests] per epoch."""
+    """The commit marker: row count, orbits' last rows, [epoch, start, stop, digests] per epoch
+    (epochs a schema-1 run committed before digests keep [epoch, start, stop])."""
     return {"rows": rows, "last_row_of_orbit": np.asarray(last).tolist(),
-            "epochs": [[e, a, b, digests[e]] for e, (a, b) in sorted(epochs.items())]}
+            "epochs": [[e, a, b, digests[e]] if e in digests else [e, a, b] for e, (a, b) in sorted(epochs.items())]}
 
 
 class StoredWindow:
