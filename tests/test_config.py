@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from nbody_dt import config as C
 
@@ -16,7 +17,7 @@ def test_defaults_load():
     cfg = C.load()
     assert cfg == C.Config() == C.from_dict({})
     assert isinstance(cfg.replay.batch_size, int) and isinstance(cfg.collect.energy_threshold, float)
-    assert isinstance(cfg.model.hidden, list) and all(isinstance(h, int) and h > 0 for h in cfg.model.hidden)
+    assert isinstance(cfg.model.hidden, tuple) and all(isinstance(h, int) and h > 0 for h in cfg.model.hidden)
     assert cfg.torch_dtype == torch.float64 and cfg.device == "cpu"
     assert cfg.collect.accept_lower < cfg.collect.energy_threshold and cfg.loss.lower < cfg.loss.upper
     # The dict form round-trips.
@@ -24,11 +25,15 @@ def test_defaults_load():
     assert C.load(overrides=["dtype='float32'"]).torch_dtype == torch.float32
 
 
-def test_default_lists_are_not_shared():
-    a, b = C.Config(), C.Config()
-    default = list(b.model.hidden)
-    a.model.hidden.append(1)
-    assert b.model.hidden == default and C.Config().model.hidden == default
+def test_configs_are_frozen():
+    cfg = C.Config()
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.epochs = 3
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.replay.batch_size = 3
+    with pytest.raises(AttributeError):
+        cfg.model.hidden.append(1)  # lists are tuples: nothing inside a config can change
+    assert C.Config().model.hidden == (64, 64, 64) and hash(cfg) == hash(C.Config())
 
 
 def test_toml_file_loading(tmp_path):
@@ -41,13 +46,13 @@ def test_toml_file_loading(tmp_path):
     )
     cfg = C.load(path)
     assert (cfg.epochs, cfg.seed) == (3, 7)
-    assert cfg.model.hidden == [32, 16] and cfg.model.features == "delta_mag" and cfg.model.history_len == 2
+    assert cfg.model.hidden == (32, 16) and cfg.model.features == "delta_mag" and cfg.model.history_len == 2
     assert cfg.replay.batch_size == 256 and cfg.replay.verify == "full"
-    assert cfg.initial_conditions.e_range == [0.0, 0.5] and isinstance(cfg.initial_conditions.e_range[0], float)
+    assert cfg.initial_conditions.e_range == (0.0, 0.5) and isinstance(cfg.initial_conditions.e_range[0], float)
     assert cfg.loss == C.LossConfig()  # untouched sections keep their defaults
     # Overrides apply on top of the file.
     cfg2 = C.load(path, ["replay.batch_size=64", "model.hidden=[4]"])
-    assert cfg2.replay.batch_size == 64 and cfg2.model.hidden == [4] and cfg2.epochs == 3
+    assert cfg2.replay.batch_size == 64 and cfg2.model.hidden == (4,) and cfg2.epochs == 3
     with pytest.raises(C.ConfigError, match="not found"):
         C.load(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
@@ -67,11 +72,11 @@ def test_dotted_overrides():
         "initial_conditions.a_range=[1, 4]", "epochs = 20",
     ])
     assert cfg.replay.batch_size == 256 and isinstance(cfg.replay.batch_size, int)
-    assert cfg.model.hidden == [8, 8]
+    assert cfg.model.hidden == (8, 8)
     assert cfg.loss.kind == "band" and cfg.model.activation == "tanh"
     assert cfg.compute.dask_address == "tcp://10.0.0.1:8786"
     assert cfg.collect.energy_threshold == 1e-3 and cfg.optimizer.lr == 3e-4
-    assert cfg.initial_conditions.a_range == [1.0, 4.0] and cfg.epochs == 20
+    assert cfg.initial_conditions.a_range == (1.0, 4.0) and cfg.epochs == 20
     # A whole number written as a float is accepted for an integer key.
     assert C.load(overrides=["replay.steps=10.0"]).replay.steps == 10
     assert C.parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
@@ -100,6 +105,7 @@ def test_dotted_overrides():
     ("replay.batch_size='many'", "replay.batch_size", "an integer"),
     ("optimizer.lr=nan", "optimizer.lr", "(0, 10]"),
     ("optimizer.lr=true", "optimizer.lr", "(0, 10]"),
+    ("optimizer.lr='0.1'", "optimizer.lr", "(0, 10]"),
     ("initial_conditions.e_range=[0.1, 1.5]", "initial_conditions.e_range[1]", "[0, 0.999]"),
 ])
 def test_out_of_range_values_name_the_key_and_the_range(override, key, allowed):
