@@ -103,14 +103,14 @@ def test_checkpoint_without_commit_marker_does_not_count(run):
     newest = save_checkpoint(run, 2, "collect", {"x": 2})
     run.remove(f"checkpoints/{newest}.json")  # as if the writer died before the commit
     assert list_checkpoints(run) == [(1, "epoch")]
-    assert load_latest_checkpoint(run)[2] == {"x": 1}
+    assert load_latest_checkpoint(run).payload == {"x": 1}
 
 
 def test_rewriting_a_stage_replaces_it(run):
     save_checkpoint(run, 1, "replay", {"x": 1})
     save_checkpoint(run, 1, "replay", {"x": 2})
     assert list_checkpoints(run) == [(1, "replay")]
-    assert load_latest_checkpoint(run)[2] == {"x": 2}
+    assert load_latest_checkpoint(run).payload == {"x": 2}
 
 
 def test_no_checkpoint_and_read_only(run):

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import pickle
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +21,14 @@ from nbody_dt.storage.run import CHECKPOINTS_DIR as FOLDER
 from nbody_dt.storage.run import Run, now_iso, parse_stage_key, stage_key
 
 SIDECAR = ".json"
+
+
+class Checkpoint(NamedTuple):
+    """A loaded checkpoint: the stage boundary it was taken at and its payload."""
+
+    epoch: int
+    stage: str
+    payload: dict
 
 
 def save_checkpoint(run: Run, epoch: int, stage: str, payload: dict) -> str:
@@ -52,8 +61,8 @@ def list_checkpoints(run: Run) -> list[tuple[int, str]]:
     return [(e, s) for e, s, _ in _committed(run)]
 
 
-def load_latest_checkpoint(run: Run, map_location="cpu") -> tuple[int, str, dict] | None:
-    """(epoch, stage, payload) of the newest committed checkpoint, or None if there is none.
+def load_latest_checkpoint(run: Run, map_location="cpu") -> Checkpoint | None:
+    """The newest committed checkpoint, or None if there is none.
 
     A committed checkpoint whose data is missing, fails its checksum, is a copy of another
     checkpoint or cannot be loaded is damage, not a crash (the data is written before its
@@ -63,7 +72,7 @@ def load_latest_checkpoint(run: Run, map_location="cpu") -> tuple[int, str, dict
     if not committed:
         return None
     epoch, stage, _ = committed[-1]
-    return epoch, stage, load_checkpoint(run, epoch, stage, map_location)
+    return Checkpoint(epoch, stage, load_checkpoint(run, epoch, stage, map_location))
 
 
 def load_checkpoint(run: Run, epoch: int, stage: str, map_location="cpu") -> dict:

@@ -9,6 +9,10 @@ class RunError(Exception):
     """
 
 
+class RunNotFound(RunError):
+    """Nothing at all is stored at the run URL (a fresh run may be created there)."""
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message (fsspec/botocore messages can span many lines)."""
     text = str(exc).strip() or type(exc).__name__

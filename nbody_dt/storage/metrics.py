@@ -74,6 +74,24 @@ def mark_done(run: Run, epoch: int, stage: str, details: dict | None = None) -> 
 def read_mark(run: Run, epoch: int, stage: str) -> dict:
     """The ledger mark of a completed (epoch, stage), checked like a metrics record."""
     return _read_record(run, f"{LEDGER}/{stage_key(epoch, stage)}", epoch, stage)
+def epoch_rows(records: list[dict]) -> dict[int, dict]:
+    """One flat row per epoch ({epoch: {'epoch': epoch, **metrics}}) from read_metrics' records.
+
+    A key recorded with different values by two stages of an epoch appears once per stage, as
+    '<stage>.<key>'; no stage's value hides another's."""
+    first: dict[tuple[int, str], object] = {}
+    conflicting = set()
+    for rec in records:
+        for key, value in rec.items():
+            if first.setdefault((rec["epoch"], key), value) != value and key not in ("epoch", "stage"):
+                conflicting.add(key)
+    rows: dict[int, dict] = {}
+    for rec in records:
+        row = rows.setdefault(rec["epoch"], {"epoch": rec["epoch"]})
+        for key, value in rec.items():
+            if key not in ("epoch", "stage"):
+                row[f"{rec['stage']}.{key}" if key in conflicting else key] = value
+    return rows
 
 
 def is_done(run: Run, epoch: int, stage: str) -> bool:

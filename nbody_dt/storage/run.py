@@ -31,7 +31,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from nbody_dt import __version__
 from nbody_dt.config import Config, ConfigError, diff, from_dict, safe_keys
-from nbody_dt.storage.errors import RunError, one_line
+from nbody_dt.storage.errors import RunError, RunNotFound, one_line
 from nbody_dt.storage.trajectory_store import TrajectoryStore
 
 PACKAGE = "nbody-dt"
@@ -169,11 +169,12 @@ class Run:
     @classmethod
     def open(cls, url: str | Path, config: Config | None = None, *, write: bool = True,
              break_lock: bool | str = False, storage_options: dict | None = None, reset: bool = False) -> Run:
-        """An existing run. With `config`, it must equal the stored one except in resume-safe keys,
-        whose new values `save_config()` stores. `write` takes the writer lock; `break_lock` takes it over
-        from a dead writer (with a warning naming it), never from a writer still running on this
-        host; `break_lock="stale"` only from a writer of this host whose process is gone. `reset`
-        (a writer only) discards all progress first: ledger, checkpoints, metrics, trajectory."""
+        """An existing run (RunNotFound where nothing is stored). With `config`, it must equal the
+        stored one except in resume-safe keys, whose new values `save_config()` stores. `write`
+        takes the writer lock; `break_lock` takes it over from a dead writer (with a warning naming
+        it), never from a writer still running on this host; `break_lock="stale"` only from a
+        writer of this host whose process is gone. `reset` (a writer only) discards all progress
+        first: ledger, checkpoints, metrics, trajectory."""
         url, fs, root = _resolve(url, storage_options)
         meta = _read_meta(fs, root, url)
         changed = False
@@ -201,6 +202,14 @@ class Run:
         except BaseException:
             self.close()
             raise
+
+    def adopt_config(self, config: Config) -> None:
+        """Take `config` as this writable run's config (as `open(config=...)` does): RunError unless
+        it differs from the stored one only in resume-safe keys; `save_config()` stores a change."""
+        self._require_writable()
+        self._meta, changed = _adopt_config(self._meta, config, self.url)
+        self.config = config
+        self._config_changed = self._config_changed or changed
 
     def save_config(self) -> None:
         """Store the resume-safe config changes this writer was opened with (run.json); called once
@@ -415,7 +424,7 @@ def _read_meta(fs, root: str, url: str) -> dict:
             raise RunError(f"cannot access run URL {url}: {one_line(exc)}") from exc
         if present:
             raise RunError(f"{url} is not an nbody-dt run (no {META_FILE})") from None
-        raise RunError(f"no run at {url}") from None
+        raise RunNotFound(f"no run at {url}") from None
     except Exception as exc:  # permissions, network, a folder named run.json, ...
         raise RunError(f"cannot read {where}: {one_line(exc)}") from exc
     try:
