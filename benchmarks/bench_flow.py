@@ -46,7 +46,7 @@ def flow(overrides: list[str], workdir: str) -> tuple[float, dict]:
     train(run_url=url, overrides=overrides, mode="create")
     wall = time.perf_counter() - start
     with Run.open(url, write=False) as run:
-        return wall, load_latest_checkpoint(run)[2]["model"]
+        return wall, load_latest_checkpoint(run).payload["model"]
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 def _final_weights(run_url: str) -> dict:
     with Run.open(run_url, write=False) as run:
-        return load_latest_checkpoint(run)[2]["model"]
+        return load_latest_checkpoint(run).payload["model"]
 
 
 def test_flow_equals_library_bitwise(tmp_path):
@@ -79,3 +79,26 @@ def test_flow_exception_names_run_and_resume_command(tmp_path):
     assert "epoch 0 stage collect" in message
     # The lock was released: the run can be opened for writing again.
     Run.open(url).close()
+
+
+def test_flow_parameters_are_typed_and_validated(tmp_path):
+    from prefect.exceptions import ParameterTypeError
+
+    # The UI's form for a deployment run comes from this schema: the whole config model, the modes.
+    schema = train.parameters.model_dump()
+    props = schema["properties"]
+    assert props["mode"]["enum"] == ["auto", "create", "resume"]
+    config_def = schema["definitions"]["Config"]
+    assert config_def["properties"]["epochs"]["description"].startswith("training epochs")
+    for bad in ({"mode": "typo"}, {"break_lock": "maybe"}, {"config": {"replay": {"batch_size": 0}}}):
+        with pytest.raises(ParameterTypeError):
+            train.validate_parameters({"run_url": str(tmp_path / "run"), **bad})
+    # Through the engine, a typo in the mode fails the flow run before anything is stored.
+    with pytest.raises(ParameterTypeError):
+        train(run_url=str(tmp_path / "run"), mode="typo")
+    assert not (tmp_path / "run").exists()
+    # A config object (or its dict, as a deployment passes it) is accepted as is.
+    cfg = config_mod.load(None, tiny_overrides(epochs=1))
+    summary = train(run_url=str(tmp_path / "run"), config=cfg.to_dict(), mode="create")
+    with Run.open(summary["run_url"], write=False) as run:
+        assert run.config == cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow
 from prefect.artifacts import (
@@ -21,8 +22,8 @@ from prefect.artifacts import (
 
 from nbody_dt import config as config_mod
 from nbody_dt.config import Config
-from nbody_dt.storage import Run, completed, is_done, list_checkpoints, read_metrics
-from nbody_dt.storage.errors import RunError
+from nbody_dt.storage import STAGES, Run, completed, epoch_rows, is_done, list_checkpoints, read_metrics
+from nbody_dt.storage.errors import RunError, RunNotFound
 from nbody_dt.storage.integrity import check_run, rollback
 from nbody_dt.storage.run import stage_key
 from nbody_dt.tasks import runtime, stages
@@ -30,7 +31,9 @@ from nbody_dt.training.dask_evaluator import make_evaluator
 
 STAGE_TASKS = {"collect": stages.collect, "persist": stages.persist, "replay": stages.replay,
                "epoch": stages.finish_epoch}
-ORDER = ("collect", "persist", "replay", "epoch")
+
+Mode = Literal["auto", "create", "resume"]
+BreakLock = bool | Literal["stale"]
 
 
 class TrainingFailed(RuntimeError):
@@ -42,9 +45,11 @@ def default_run_url() -> str:
     return str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"))
 
 
-def resolve_config(config: dict | None, config_path: str | None, overrides: list[str] | None) -> Config:
+def resolve_config(config: Config | dict | None, config_path: str | None, overrides: list[str] | None) -> Config:
+    """`config` (a Config or its dict) or the TOML file (None: the embedded default), with overrides."""
     if config is not None:
-        return config_mod.from_dict(config_mod.apply_overrides(config, overrides or []))
+        data = config.to_dict() if isinstance(config, Config) else config
+        return config_mod.from_dict(config_mod.apply_overrides(data, overrides or []))
     return config_mod.load(config_path, overrides or [])
 
 
@@ -52,8 +57,8 @@ def _remaining(run: Run, point: tuple[int, str] | None, epochs: int) -> list[tup
     """Stages still to run after the resume point; persist and epoch also skip when the ledger has them."""
     todo = []
     for epoch in range(epochs):
-        for stage in ORDER:
-            if point is not None and (epoch, ORDER.index(stage)) <= (point[0], ORDER.index(point[1])):
+        for stage in STAGES:
+            if point is not None and (epoch, STAGES.index(stage)) <= (point[0], STAGES.index(point[1])):
                 continue
             if stage in ("persist", "epoch") and is_done(run, epoch, stage):
                 continue
@@ -61,93 +66,80 @@ def _remaining(run: Run, point: tuple[int, str] | None, epochs: int) -> list[tup
     return todo
 
 
-def _run_config(run_url: str, config: dict | None, config_path: str | None, overrides: list[str] | None,
-                mode: str) -> Config:
-    """The config to run with: the given one, else (existing run) the stored one plus overrides,
-    else the embedded default plus overrides."""
-    if config is None and config_path is None and mode != "create":
-        try:
-            with Run.open(run_url, write=False) as stored:
-                config = stored.config.to_dict()
-        except RunError:
-            if mode == "resume":
-                raise
-    return resolve_config(config, config_path, overrides)
+def open_run(run_url: str, config: Config | None, config_path: str | None, overrides: list[str] | None,
+             mode: Mode, break_lock: BreakLock, from_epoch: int | None = None) -> tuple[Run, Config]:
+    """The run, opened once for writing and checked (integrity.check_run), and the config it runs
+    with, adopted by the run but not stored yet (save_config).
 
-
-def open_run(run_url: str, cfg: Config, mode: str, break_lock: bool | str, from_epoch: int | None = None) -> Run:
-    """mode 'create': a new run; 'resume': an existing one; 'auto': whichever applies. The run is
-    checked (integrity.check_run) before anything is written to it; `from_epoch` (resume only)
-    first discards everything from that epoch on, the explicit way out of damage."""
+    mode 'create': a new run; 'resume': an existing one; 'auto': whichever applies. On an existing
+    run, no config and no config_path mean its stored config (plus overrides). `from_epoch`
+    (resume only) first discards everything from that epoch on, the explicit way out of damage."""
     if from_epoch is not None and mode != "resume":
         raise RunError("--from-epoch rolls back an existing run: use it with resume")
-    if mode == "create":
-        run = Run.create(run_url, cfg)
-    elif mode == "resume":
-        run = Run.open(run_url, cfg, break_lock=break_lock, reset=from_epoch == 0)
-    else:
+    if mode != "create":
         try:
-            run = Run.open(run_url, cfg, break_lock=break_lock)
-        except RunError:
-            if _exists(run_url):
+            run = Run.open(run_url, break_lock=break_lock)
+        except RunNotFound:
+            if mode == "resume":
                 raise
-            run = Run.create(run_url, cfg)
-    try:
-        if from_epoch:
-            rollback(run, from_epoch)
-        check_run(run, deep=True)
-        run.save_config()
-    except BaseException:
-        run.close()
-        raise
-    return run
+        else:
+            try:
+                given = config is not None or config_path is not None
+                cfg = resolve_config(config if given else run.config, config_path, overrides)
+                run.adopt_config(cfg)  # refuses a change of anything but resume-safe keys
+                if from_epoch == 0:
+                    run.reset()
+                elif from_epoch:
+                    rollback(run, from_epoch)
+                check_run(run, deep=True)
+            except BaseException:
+                run.close()
+                raise
+            return run, cfg
+    cfg = resolve_config(config, config_path, overrides)
+    return Run.create(run_url, cfg), cfg
 
 
-def _exists(run_url: str) -> bool:
-    try:
-        Run.open(run_url, write=False).close()
-        return True
-    except RunError:
-        return False
-
-
-@flow(name="nbody-dt-train", log_prints=True)
-def train(run_url: str = "", config: dict | None = None, config_path: str | None = None,
-          overrides: list[str] | None = None, mode: str = "auto", break_lock: bool | str = False,
+@flow(name="nbody-dt-train", log_prints=True, validate_parameters=True)
+def train(run_url: str = "", config: Config | None = None, config_path: str | None = None,
+          overrides: list[str] | None = None, mode: Mode = "auto", break_lock: BreakLock = False,
           from_epoch: int | None = None) -> dict:
     """Train (or continue training) the run at run_url; returns the run summary.
 
-    config: a config dict, or config_path + overrides (TOML file, dotted key=value); none of
+    config: the whole config, or config_path + overrides (TOML file, dotted key=value); none of
     them on an existing run means its stored config. Resume-safe keys (epochs, compute, ...)
-    may change on resume; any other difference is refused. break_lock: take over the writer
-    lock of a dead writer; "stale": only if that writer ran on this host and is gone (what the
-    deployments use, so that a killed run does not lock out its retry and the runs after it).
-    from_epoch (resume only): discard everything from that epoch on first (the explicit way out
-    when the run's storage is damaged; a damaged run is otherwise refused, never repaired).
+    may change on resume; any other difference is refused. mode: 'create' a new run, 'resume'
+    an existing one, 'auto' whichever applies. break_lock: take over the writer lock of a dead
+    writer; 'stale': only if that writer ran on this host and is gone (what the deployments use,
+    so that a killed run does not lock out its retry and the runs after it). from_epoch (resume
+    only): discard everything from that epoch on first (the explicit way out when the run's
+    storage is damaged; a damaged run is otherwise refused, never repaired).
     """
-    if break_lock not in (False, True, "stale"):
-        raise ValueError(f"break_lock must be true, false or 'stale', got {break_lock!r}")
     start = time.perf_counter()
-    run_url = run_url or default_run_url()
-    cfg = _run_config(run_url, config, config_path, overrides, mode)
-    # Reach the evaluator (e.g. a remote Dask scheduler) before anything is written to the run.
-    evaluator = make_evaluator(cfg)
+    run, cfg = open_run(run_url or default_run_url(), config, config_path, overrides, mode, break_lock, from_epoch)
+    evaluator = None
     try:
-        run = open_run(run_url, cfg, mode, break_lock, from_epoch)
+        # Reach the evaluator (e.g. a remote Dask scheduler) before the run's config changes.
+        evaluator = make_evaluator(cfg)
+        run.save_config()
     except BaseException:
-        evaluator.close()
+        run.close()
+        if evaluator is not None:
+            evaluator.close()
         raise
-    runtime.register(run, evaluator)
     stage = (None, None)
     try:
-        run_id = run.created
+        runtime.register(run, evaluator)
         point = stages.resume_point(run.url)
         todo = _remaining(run, point, run.config.epochs)
+        runtime.notify({"event": "start", "run_url": run.url, "epochs": run.config.epochs,
+                        "epochs_done": sum(1 for _, s in completed(run) if s == "epoch"),
+                        "stages_done": len(STAGES) * run.config.epochs - len(todo)})
         progress_id = create_progress_artifact(progress=0.0, description=f"nbody-dt training of {run.url}")
-        table = epoch_table(read_metrics(run))
+        table = epoch_rows(read_metrics(run))
         for epoch, name in todo:
             stage = (epoch, name)
-            table.setdefault(epoch, {"epoch": epoch}).update(STAGE_TASKS[name](run.url, run_id, epoch))
+            table.setdefault(epoch, {"epoch": epoch}).update(STAGE_TASKS[name](run.url, epoch))
             if name == "epoch":
                 _publish_epoch(run, progress_id, epoch, table)
         summary = summarize(run, time.perf_counter() - start)
@@ -166,15 +158,6 @@ def train(run_url: str = "", config: dict | None = None, config_path: str | None
         evaluator.close()
 
 
-def epoch_table(records: list[dict]) -> dict[int, dict]:
-    """One flat row per epoch from the per-stage metrics records."""
-    table: dict[int, dict] = {}
-    for record in records:
-        table.setdefault(record["epoch"], {"epoch": record["epoch"]}).update(
-            {k: v for k, v in record.items() if k != "stage"})
-    return table
-
-
 TABLE_KEYS = ("epoch", "collect_accepted", "collect_pass_rate", "collect_retrain_iterations", "collect_dt_median",
               "replay_iterations", "replay_converged", "replay_final_pass_rate", "epoch_wall_s")
 
@@ -188,7 +171,7 @@ def _publish_epoch(run: Run, progress_id, epoch: int, table: dict[int, dict]) ->
 
 def summarize(run: Run, wall_s: float) -> dict:
     """The one-object result of a training run."""
-    table = epoch_table(read_metrics(run))
+    table = epoch_rows(read_metrics(run))
     done = sorted(e for e, s in completed(run) if s == "epoch")
     last = table[done[-1]] if done else {}
     ckpts = list_checkpoints(run)

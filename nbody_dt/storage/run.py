@@ -193,15 +193,25 @@ class Run:
         self._acquire_lock(break_lock)
         try:
             if reset:
-                for folder in PROGRESS:
-                    self.check_lock(f"(discarding) {self.url}/{folder}")
-                    log.warning("discarding %s/%s (--from-epoch 0)", self.url, folder)
-                    with contextlib.suppress(FileNotFoundError):
-                        self._fs.rm(self._path(folder), recursive=True)
+                self._discard_progress()
             self._open_trajectory()
         except BaseException:
             self.close()
             raise
+
+    def reset(self) -> None:
+        """Discard all progress of this writable run (--from-epoch 0): ledger, checkpoints, metrics,
+        trajectory; the run then stands as just created."""
+        self._require_writable()
+        self._discard_progress()
+        self._open_trajectory()
+
+    def _discard_progress(self) -> None:
+        for folder in PROGRESS:
+            self.check_lock(f"(discarding) {self.url}/{folder}")
+            log.warning("discarding %s/%s (--from-epoch 0)", self.url, folder)
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm(self._path(folder), recursive=True)
 
     def adopt_config(self, config: Config) -> None:
         """Take `config` as this writable run's config (as `open(config=...)` does): RunError unless

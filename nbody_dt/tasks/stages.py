@@ -9,10 +9,12 @@ uninterrupted run goes through exactly the same save/restore path as a resumed o
 from __future__ import annotations
 
 import errno
+import logging
 import time
 
-from prefect import task
-from prefect.context import TaskRunContext
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 from nbody_dt.faults import crash_point
 from nbody_dt.storage import (
@@ -46,27 +48,39 @@ def _transient_io(task_, task_run, state) -> bool:
     return False
 
 
-def _stage_cache_key(stage: str):
-    """Cache key from (run, epoch, stage) and the flow run: a retried flow run skips completed
-    stages; a new flow run re-derives its plan from storage instead."""
-
-    def key(context: TaskRunContext, parameters: dict) -> str:
-        flow_run = context.task_run.flow_run_id if context and context.task_run else "none"
-        return f"nbody-dt/{parameters['run_id']}/{flow_run}/e{parameters['epoch']}/{stage}"
-
-    return key
-
-
 def _stage_task(stage: str):
-    return task(name=f"{stage}", cache_key_fn=_stage_cache_key(stage), retries=2, retry_delay_seconds=2,
+    """A stage as a task. The ledger, not Prefect, decides what is done: no cache and no persisted
+    results (a retried or new flow run derives its plan from storage)."""
+    return task(name=f"{stage}", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2,
                 retry_condition_fn=_transient_io, task_run_name=f"{stage}-e{{epoch}}")
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a task or flow run (its lines reach the Prefect UI), else nbody_dt's."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def stage_summary(stage: str, metrics: dict) -> str:
+    """What a finished stage did, in a few words."""
+    if stage == "collect":
+        return (f"collected {metrics.get('collect_accepted')} steps "
+                f"(pass rate {metrics.get('collect_pass_rate', 0):.2f})")
+    if stage == "persist":
+        return f"stored {metrics.get('persist_total_rows')} rows"
+    if stage == "replay":
+        return (f"replay {'converged' if metrics.get('replay_converged') else 'capped'} after "
+                f"{metrics.get('replay_iterations')} it (pass rate {metrics.get('replay_final_pass_rate', 0):.3f})")
+    return f"epoch done in {metrics.get('epoch_wall_s', 0):.1f} s"
 
 
 def _training_state(url: str) -> Training:
     """The training objects of the newest intact checkpoint, or a fresh start."""
     run = runtime.run(url)
     latest = load_latest_checkpoint(run, map_location=run.config.device)
-    return start_training(run.config) if latest is None else restore(latest[2], run.config)
+    return start_training(run.config) if latest is None else restore(latest.payload, run.config)
 
 
 def _checkpoint_and_finish(url: str, epoch: int, stage: str, training: Training, metrics: dict,
@@ -83,12 +97,13 @@ def _finish(url: str, epoch: int, stage: str, metrics: dict, details: dict | Non
     run = runtime.run(url)
     write_metrics(run, epoch, stage, metrics)
     mark_done(run, epoch, stage, details)
-    runtime.notify({"epoch": epoch, "stage": stage, **metrics})
+    _logger().info("epoch %d/%d %s: %s", epoch + 1, run.config.epochs, stage, stage_summary(stage, metrics))
+    runtime.notify({"event": "stage", "epoch": epoch, "stage": stage, **metrics})
     return metrics
 
 
 @_stage_task("collect")
-def collect(run_url: str, run_id: str, epoch: int) -> dict:
+def collect(run_url: str, epoch: int) -> dict:
     """Part 1 from the latest checkpoint; checkpoint the trained network, the new live states and
     the accepted rows (pending until persisted)."""
     run = runtime.run(run_url)
@@ -101,15 +116,15 @@ def collect(run_url: str, run_id: str, epoch: int) -> dict:
 
 
 @_stage_task("persist")
-def persist(run_url: str, run_id: str, epoch: int) -> dict:
+def persist(run_url: str, epoch: int) -> dict:
     """Append the epoch's rows from the collect checkpoint to the trajectory store (idempotent)."""
     run = runtime.run(run_url)
     start = time.perf_counter()
     latest = load_latest_checkpoint(run)
     if latest is None or latest[:2] != (epoch, "collect"):
-        found = "none" if latest is None else f"epoch {latest[0]} {latest[1]}"
+        found = "none" if latest is None else f"epoch {latest.epoch} {latest.stage}"
         raise RunError(f"run {run.url}: persist of epoch {epoch} needs that epoch's collect checkpoint, found {found}")
-    rows = Rows(**latest[2]["pending_rows"])
+    rows = Rows(**latest.payload["pending_rows"])
     total = run.trajectory.append(rows, epoch)
     wall = time.perf_counter() - start
     metrics = {"persist_rows": len(rows), "persist_total_rows": total, "persist_wall_s": wall,
@@ -119,7 +134,7 @@ def persist(run_url: str, run_id: str, epoch: int) -> dict:
 
 
 @_stage_task("replay")
-def replay(run_url: str, run_id: str, epoch: int) -> dict:
+def replay(run_url: str, epoch: int) -> dict:
     """Part 2 over the stored replay window, from the collect checkpoint; checkpoint the result."""
     run = runtime.run(run_url)
     cfg = run.config
@@ -134,7 +149,7 @@ def replay(run_url: str, run_id: str, epoch: int) -> dict:
 
 
 @_stage_task("epoch")
-def finish_epoch(run_url: str, run_id: str, epoch: int) -> dict:
+def finish_epoch(run_url: str, epoch: int) -> dict:
     """The epoch's own record (its wall time, rows stored), then its ledger mark: the epoch is done."""
     run = runtime.run(run_url)
     stage_records = [r for r in read_metrics(run, epoch) if r["stage"] != "epoch"]
@@ -152,7 +167,6 @@ def resume_point(run_url: str) -> tuple[int, str] | None:
     latest = load_latest_checkpoint(run)
     if latest is None:
         return None
-    epoch, stage, payload = latest
-    if not is_done(run, epoch, stage):
-        _finish(run_url, epoch, stage, payload["metrics"])
-    return epoch, stage
+    if not is_done(run, latest.epoch, latest.stage):
+        _finish(run_url, latest.epoch, latest.stage, latest.payload["metrics"])
+    return latest.epoch, latest.stage
