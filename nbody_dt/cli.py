@@ -48,27 +48,34 @@ _bodies = _checked("--n", int, lambda v: v >= 2, "at least 2")
 _nonnegative = _checked("--softening", float, lambda v: v >= 0 and math.isfinite(v), ">= 0")
 
 
+def _add(sub, name: str, text: str):
+    """A subcommand whose one-line help (in `nbody-dt --help`) is also its description (in `nbody-dt NAME --help`)."""
+    return sub.add_parser(name, help=text, description=text)
+
+
 def _add_simulate(sub) -> None:
     from nbody_dt.simulation import POLICIES, PROBLEMS
 
-    p = sub.add_parser("simulate", help="integrate one system with a dt policy and report its cost and accuracy")
+    p = _add(sub, "simulate", "integrate one system with a dt policy and report its cost and accuracy")
     p.add_argument("--ic", choices=PROBLEMS, default="kepler", help="initial condition (default kepler)")
     p.add_argument("--policy", choices=POLICIES, default="oracle", help="dt policy (default oracle)")
     p.add_argument("--e", type=_eccentricity, default=0.9, help="Kepler eccentricity (default 0.9)")
     p.add_argument("--a", type=_positive("--a"), default=1.0, help="Kepler semi-major axis (default 1)")
-    p.add_argument("--m1", type=_positive("--m1"), default=1.0)
-    p.add_argument("--m2", type=_positive("--m2"), default=1.0)
-    p.add_argument("--start", choices=("apocentre", "pericentre"), default="apocentre")
+    p.add_argument("--m1", type=_positive("--m1"), default=1.0, help="Kepler primary mass (default 1)")
+    p.add_argument("--m2", type=_positive("--m2"), default=1.0, help="Kepler secondary mass (default 1)")
+    p.add_argument("--start", choices=("apocentre", "pericentre"), default="apocentre",
+                   help="where the Kepler orbit starts (default apocentre)")
     p.add_argument("--n", type=_bodies, default=16, help="Plummer bodies (default 16)")
     p.add_argument("--seed", type=int, default=1, help="Plummer seed (default 1)")
-    p.add_argument("--softening", type=_nonnegative, default=0.0)
-    p.add_argument("--G", type=_positive("--G"), default=1.0)
+    p.add_argument("--softening", type=_nonnegative, default=0.0,
+                   help="Plummer softening length of the gravity (default 0: none)")
+    p.add_argument("--G", type=_positive("--G"), default=1.0, help="gravitational constant (default 1)")
     p.add_argument("--periods", type=_positive("--periods"),
                    help="Kepler (default 10) / figure-eight (default 5) periods")
     p.add_argument("--t-end", type=_positive("--t-end"), help="end time (Pythagorean and Plummer default 10)")
     p.add_argument("--dt", type=_positive("--dt"), help="fixed policy: the step")
     p.add_argument("--eta", type=_positive("--eta"), help="freefall policy: dt = eta * min pair free-fall time")
-    p.add_argument("--safety", type=_positive("--safety"), default=0.9, help="controller safety factor")
+    p.add_argument("--safety", type=_positive("--safety"), default=0.9, help="controller safety factor (default 0.9)")
     p.add_argument("--checkpoint", help="learned policy: a checkpoint file or a run URL (its latest checkpoint)")
     p.add_argument("--threshold", type=_positive("--threshold"), default=2e-4,
                    help="per-step relative energy error tolerance (default 2e-4)")
@@ -77,7 +84,7 @@ def _add_simulate(sub) -> None:
 
 
 def cmd_simulate(args) -> int:
-    from nbody_dt.simulation import make_policy, make_problem, plot_result, run_problem
+    from nbody_dt.simulation import make_policy, make_problem, run_problem
 
     if args.policy == "fixed" and args.dt is None:
         raise UsageError("simulate: --policy fixed needs --dt")
@@ -95,7 +102,9 @@ def cmd_simulate(args) -> int:
     result = run_problem(problem, policy, args.threshold, record=bool(args.plot))
     summary = {"ic": args.ic, "policy": args.policy, "threshold": args.threshold, **result.summary()}
     if args.plot:
-        plot_result(result, args.plot, f"{args.ic} / {args.policy}")
+        from nbody_dt.plots import plot_simulation
+
+        plot_simulation(result, args.plot, f"{args.ic} / {args.policy}")
         summary["plot"] = args.plot
     if args.json:
         print(json.dumps(_json_safe(summary), allow_nan=False))
@@ -128,7 +137,7 @@ def load_learned(source: str):
             latest = load_latest_checkpoint(run)
         if latest is None:
             raise UsageError(f"--checkpoint {source}: the run has no checkpoint yet")
-        payload = latest[2]
+        payload = latest.payload
     if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
         raise UsageError(f"--checkpoint {source}: not an nbody-dt checkpoint (no config or model)")
     cfg = from_dict({**payload["config"], "device": "cpu"})
@@ -144,55 +153,115 @@ def _prepare_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-class _ProgressBar:
-    """One terminal line per epoch: stage, accepted steps and replay status."""
+def _console():
+    from rich.console import Console
 
-    def __init__(self, epochs: int, stream=sys.stderr):
-        self.epochs, self.stream = epochs, stream
-        self.tty = stream.isatty()
+    return Console(stderr=True)
+
+
+def _log_handler(console):
+    """A handler that shows records of the nbody_dt logger (warnings and up) as one line each."""
+    import logging
+
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    else:
+        handler = logging.StreamHandler(console.file)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    return handler
+
+
+def _start_prefect(console) -> None:
+    """Start Prefect's local (ephemeral) server now, with a line saying so, unless PREFECT_API_URL names one."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    start = time.perf_counter()
+    message = "starting Prefect's local server (PREFECT_API_URL is not set) ..."
+    if console.is_terminal:
+        with console.status(message):
+            get_client(sync_client=True)  # the process's one ephemeral server: the flow reuses it
+    else:
+        console.print(message)
+        get_client(sync_client=True)
+    console.print(f"Prefect's local server is up ({time.perf_counter() - start:.1f} s)")
+
+
+class _Progress:
+    """Training progress: on a terminal a rich bar (epoch, stage, elapsed time, ETA) with one line per
+    finished epoch above it; elsewhere one plain line per finished stage."""
+
+    def __init__(self, console):
+        self.console = console
+        self.bar = None
 
     def __call__(self, event: dict) -> None:
+        from nbody_dt.storage import STAGES
+        from nbody_dt.tasks.stages import stage_summary
+
+        if event["event"] == "start":
+            self.epochs = event["epochs"]
+            line = f"training {event['run_url']}: {event['epochs_done']} of {self.epochs} epochs done"
+            if not self.console.is_terminal:
+                self.console.print(line, soft_wrap=True)
+                return
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("stages"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                console=self.console, speed_estimate_period=3600)
+            self.task = self.bar.add_task(line, total=len(STAGES) * self.epochs, completed=event["stages_done"])
+            self.bar.start()
+            self.bar.console.print(line)
+            return
         epoch, stage = event["epoch"], event["stage"]
-        done = epoch + (1 if stage == "epoch" else 0)
-        width = 24
-        filled = int(width * done / max(1, self.epochs))
-        bar = "#" * filled + "-" * (width - filled)
-        detail = {
-            "collect": lambda e: f"collected {e.get('collect_accepted')} steps "
-                                 f"(pass rate {e.get('collect_pass_rate', 0):.2f})",
-            "persist": lambda e: f"stored {e.get('persist_total_rows')} rows",
-            "replay": lambda e: f"replay {'converged' if e.get('replay_converged') else 'capped'} after "
-                                f"{e.get('replay_iterations')} it (pass rate {e.get('replay_final_pass_rate', 0):.3f})",
-            "epoch": lambda e: f"epoch done in {e.get('epoch_wall_s', 0):.1f} s",
-        }[stage](event)
-        line = f"[{bar}] epoch {epoch + 1}/{self.epochs} {stage:<8} {detail}"
-        if self.tty:
-            self.stream.write("\r\033[K" + line + ("\n" if stage == "epoch" else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        line = f"epoch {epoch + 1}/{self.epochs} {stage:<8} {stage_summary(stage, event)}"
+        if self.bar is None:
+            self.console.print(line, soft_wrap=True)
+            return
+        nxt = STAGES[(STAGES.index(stage) + 1) % len(STAGES)]
+        shown = epoch + (1 if stage == "epoch" else 0)
+        self.bar.update(self.task, advance=1, description=f"epoch {min(shown + 1, self.epochs)}/{self.epochs} {nxt}")
+        if stage == "epoch":
+            self.bar.console.print(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _run_training(args, mode: str) -> int:
     _prepare_prefect()
-    from nbody_dt.flows.training import default_run_url, resolve_config, train
+    from nbody_dt.flows.training import default_run_url, train
     from nbody_dt.tasks import runtime
 
-    run_url = args.run_dir if mode == "create" else args.run
-    if mode == "create":
-        run_url = run_url or default_run_url()
-        epochs = resolve_config(None, args.config, args.set).epochs
-    else:
-        epochs = _stored_epochs(run_url, args.set)
-    bar = None if args.json else _ProgressBar(epochs)
-    if bar:
-        runtime.add_listener(bar)
+    console = _console()
+    run_url = (args.run_dir or default_run_url()) if mode == "create" else args.run
+    progress = None if args.json else _Progress(console)
+    _start_prefect(console)
+    if progress:
+        runtime.add_listener(progress)
     try:
         summary = train(run_url=run_url, config_path=getattr(args, "config", None), overrides=args.set, mode=mode,
                         break_lock=args.break_lock, from_epoch=getattr(args, "from_epoch", None))
     finally:
-        if bar:
-            runtime.remove_listener(bar)
+        if progress:
+            runtime.remove_listener(progress)
+            progress.close()
     if args.json:
         print(json.dumps(_json_safe(summary), allow_nan=False))
     else:
@@ -206,14 +275,6 @@ def _run_training(args, mode: str) -> int:
     return 0
 
 
-def _stored_epochs(run_url: str, overrides: list[str]) -> int:
-    from nbody_dt.config import apply_overrides, from_dict
-    from nbody_dt.storage import Run
-
-    with Run.open(run_url, write=False) as run:
-        return from_dict(apply_overrides(run.config.to_dict(), overrides)).epochs
-
-
 def cmd_train(args) -> int:
     return _run_training(args, "create")
 
@@ -223,17 +284,26 @@ def cmd_resume(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from nbody_dt.storage.report import report_dict, report_table, write_plots
+    from nbody_dt.plots import write_run_plots
+    from nbody_dt.report import report_dict, report_table
+    from nbody_dt.storage import Run
 
-    if args.json:
-        print(json.dumps(_json_safe(report_dict(args.run)), allow_nan=False))
-    else:
-        from nbody_dt.flows.training import TABLE_KEYS
+    with Run.open(args.run, write=False) as run:
+        report = report_dict(run)
+        if args.json:
+            print(json.dumps(_json_safe(report), allow_nan=False))
+        else:
+            from rich.console import Console
 
-        print(report_table(args.run, keys=None if args.all else ["rows", *TABLE_KEYS[1:]]))
-    if args.plots:
-        for path in write_plots(args.run, args.plots):
-            print(f"wrote {path}", file=sys.stderr)
+            from nbody_dt.flows.training import TABLE_KEYS
+
+            console = Console()
+            if not console.is_terminal:
+                console = Console(width=100_000)  # a file or pipe: the table at its natural width
+            console.print(report_table(report, keys=None if args.all else ["rows", *TABLE_KEYS[1:]]))
+        if args.plots:
+            for path in write_run_plots(run, report["epochs"], args.plots):
+                print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -278,12 +348,15 @@ def cmd_config(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nbody_dt import __version__
+
     parser = _Parser(prog="nbody-dt", description="Learned integration timesteps for gravitational N-body systems.")
+    parser.add_argument("--version", action="version", version=f"nbody-dt {__version__}")
     parser.add_argument("--verbose", action="store_true",
                         help="on an error, print the full traceback (and Prefect's) after the one-line message")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     _add_simulate(sub)
-    t = sub.add_parser("train", help="train a new run (the embedded default config unless --config/--set)")
+    t = _add(sub, "train", "train a new run (the embedded default config unless --config/--set)")
     t.add_argument("--config", help="TOML config file (default: the embedded default, docs/CONFIG.md)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, e.g. replay.batch_size=256 (repeatable)")
@@ -291,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default ./runs/run-<time>)")
     t.add_argument("--json", action="store_true", help="print one JSON object at the end, no progress bar")
     t.add_argument("--break-lock", action="store_true", help=argparse.SUPPRESS)
-    r = sub.add_parser("resume", help="continue a run from its last completed stage")
+    r = _add(sub, "resume", "continue a run from its last completed stage")
     r.add_argument("run", help="run URL")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="resume-safe overrides only, e.g. epochs=20 (docs/CONFIG.md)")
@@ -301,19 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from-epoch", type=_checked("--from-epoch", int, lambda v: v >= 0, ">= 0"), metavar="K",
                    help="discard every stored stage from epoch K on and continue from there: the explicit "
                         "way out when the run's storage is damaged (the error names the possible K)")
-    rep = sub.add_parser("report", help="per-epoch metrics of a run as a table, JSON or plots")
+    rep = _add(sub, "report", "per-epoch metrics of a run as a table, JSON or plots")
     rep.add_argument("run", help="run URL")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR")
     rep.add_argument("--all", action="store_true", help="every recorded metric as a column")
-    d = sub.add_parser("deploy", help="serve the training flow on a schedule from this process (flow.serve)")
+    d = _add(sub, "deploy", "serve the training flow on a schedule from this process (flow.serve)")
     d.add_argument("--cron", help="cron schedule, e.g. '0 3 * * *'")
     d.add_argument("--interval", type=_positive("--interval"), help="schedule every SECONDS")
     d.add_argument("--config", help="TOML config file (default: the embedded default)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
     d.add_argument("--run-dir", default="runs/scheduled", help="run URL every scheduled run continues "
                                                                 "(default runs/scheduled)")
-    c = sub.add_parser("config", help="print the validated config (or the reference of every default)")
+    c = _add(sub, "config", "print the validated config (or the reference of every key)")
     c.add_argument("--config", help="TOML file (default: the embedded default)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     c.add_argument("--markdown", action="store_true", help="print the reference table of every key and default")
@@ -326,7 +399,9 @@ COMMANDS = {"simulate": cmd_simulate, "train": cmd_train, "resume": cmd_resume, 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every error ends as one line on stderr and exit code 2 (--verbose adds the
-    traceback)."""
+    traceback); warnings of the nbody_dt logger are one line each on stderr."""
+    import logging
+
     from nbody_dt.config import ConfigError
     from nbody_dt.storage.errors import RunError, one_line
 
@@ -334,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     verbose = "--verbose" in argv
     if not verbose:
         _quiet_prefect_terminal()
+    logger = logging.getLogger("nbody_dt")
+    handler = _log_handler(_console())
+    logger.addHandler(handler)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -348,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         expected = isinstance(exc, (UsageError, ConfigError, RunError))
         print(f"error: {one_line(exc) if expected else f'{type(exc).__name__}: {one_line(exc)}'}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        logger.removeHandler(handler)
 
 
 def _quiet_prefect_terminal() -> None:

@@ -386,9 +386,11 @@ def defaults_markdown() -> str:
     for key, info in _leaves():
         *group, name = key.split(".")
         if group != section:
-            lines += ([""] if section is not None else []) + [f"## [{group[0]}]" if group else "## top level", ""] + head
+            title = f"## [{group[0]}]" if group else "## top level"
+            lines += ([""] if section is not None else []) + [title, ""] + head
             section = group
         default = defaults[group[0]][name] if group else defaults[name]
         mark = " *resume-safe*" if key in safe else ""
-        lines.append(f"| `{key}` | `{default!r}` | {describe(_field_schema((*group, name)))} | {info.description}{mark} |")
+        allowed = describe(_field_schema((*group, name)))
+        lines.append(f"| `{key}` | `{default!r}` | {allowed} | {info.description}{mark} |")
     return "\n".join(lines)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
-
 from nbody_dt.model.evaluate import StepCriteria
 from nbody_dt.model.network import DtNetwork
 from nbody_dt.model.policy import LearnedPolicy
@@ -73,29 +71,3 @@ def run_problem(problem: Problem, policy: DtPolicy, threshold: float, record: bo
         p = next(policy.model.parameters())
         state = state.to(device=p.device, dtype=p.dtype)
     return simulate(state, policy, problem.gravity, problem.t_end, threshold, record=record)
-
-
-def plot_result(result: SimulationResult, path: str, title: str) -> None:
-    """Orbit, dt(t) and |dE/E|(t) in one figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pos = torch.tensor(result.positions)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for body in range(pos.shape[1]):
-        axes[0].plot(pos[:, body, 0], pos[:, body, 1], lw=0.7)
-    axes[0].set_aspect("equal")
-    axes[0].set_title("orbit")
-    axes[1].semilogy(result.time, result.dt, lw=0.8)
-    axes[1].set_xlabel("t")
-    axes[1].set_ylabel("dt")
-    axes[2].semilogy(result.time, [max(x, 1e-18) for x in result.step_rel_dE], lw=0.6, label="per step")
-    axes[2].semilogy(result.time, [max(x, 1e-18) for x in result.total_rel_dE], lw=0.8, label="total |E(t)-E0|/|E0|")
-    axes[2].set_xlabel("t")
-    axes[2].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

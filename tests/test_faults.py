@@ -23,8 +23,8 @@ import torch
 from storage_fixtures import s3_options  # noqa: F401  (a fixture)
 
 from nbody_dt.flows.training import train
+from nbody_dt.report import report_dict
 from nbody_dt.storage import Run, RunError, load_latest_checkpoint, read_metrics
-from nbody_dt.storage.report import report_dict
 from tests.conftest import tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -159,7 +159,7 @@ def _inject(files: dict[str, bytes], earlier: dict[str, bytes], obj: str,
 
 def _result(url: str) -> dict:
     with Run.open(url, write=False) as run:
-        weights = load_latest_checkpoint(run)[2]["model"]
+        weights = load_latest_checkpoint(run).payload["model"]
         rows = run.trajectory.rows().as_dict()
         metrics = [{k: v for k, v in r.items() if not k.endswith(TIMINGS)} for r in read_metrics(run)]
     return {"weights": weights, "rows": rows, "metrics": metrics}
@@ -174,7 +174,8 @@ def _assert_equal(got: dict, want: dict, case) -> None:
 
 
 def _report_rows(url: str) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.endswith(TIMINGS)} for r in report_dict(url)["epochs"]]
+    with Run.open(url, write=False) as run:
+        return [{k: v for k, v in r.items() if not k.endswith(TIMINGS)} for r in report_dict(run)["epochs"]]
 
 
 def _matrix(base: str, options: dict | None) -> list[tuple]:

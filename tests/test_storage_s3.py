@@ -7,6 +7,7 @@ import pytest
 import torch
 from storage_fixtures import make_rows, s3_options, small_config  # noqa: F401  (s3_options is a fixture)
 
+from nbody_dt.report import report_dict
 from nbody_dt.storage import (
     Run,
     RunError,
@@ -17,7 +18,6 @@ from nbody_dt.storage import (
     save_checkpoint,
     write_metrics,
 )
-from nbody_dt.storage.report import report_table
 from nbody_dt.training.trajectory import InMemoryTrajectory
 
 pytestmark = pytest.mark.slow
@@ -55,8 +55,9 @@ def test_s3_round_trip(s3_options):  # noqa: F811
                                       "replay_final_pass_rate": 1.0}]
         assert completed(run) == [(1, "collect")]
     # This hand-made run marks (1, collect) done without epoch 0: a report refuses the gap.
-    with pytest.raises(RunError, match="ledger/e0000000-0-collect is missing"):
-        report_table(url, storage_options=s3_options)
+    with Run.open(url, write=False, storage_options=s3_options) as run:
+        with pytest.raises(RunError, match="ledger/e0000000-0-collect is missing"):
+            report_dict(run)
 
 
 def test_s3_bad_urls(s3_options):  # noqa: F811
@@ -82,4 +83,5 @@ def test_s3_endpoint_from_environment(s3_options, monkeypatch):  # noqa: F811
     fsspec.config.set_conf_env(conf, {"FSSPEC_S3_ENDPOINT_URL": s3_options["endpoint_url"], "FSSPEC_S3_KEY": "test",
                                       "FSSPEC_S3_SECRET": "test"})
     monkeypatch.setattr(fsspec.config, "conf", conf)
-    assert "1 epochs, 6 trajectory rows" in report_table(url)
+    with Run.open(url, write=False) as run:
+        assert (report_dict(run)["totals"]["epochs"], run.trajectory.num_rows) == (1, 6)
