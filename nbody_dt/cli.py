@@ -144,11 +144,16 @@ def load_learned(source: str):
     return load_model(payload, cfg), StepCriteria.from_config(cfg), cfg
 
 
-def _prepare_prefect() -> None:
-    """Quiet, robust defaults for Prefect's ephemeral server in a terminal session."""
+def _prepare_prefect(serving: bool = False) -> None:
+    """Robust defaults for Prefect. In a terminal session (train, resume) Prefect's own log lines
+    are quiet: the progress display says what happens. A serving process (deploy) logs like a
+    worker: Prefect's INFO lines, and the nbody_dt logger's records sent to the UI too."""
     import os
 
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    if serving:
+        os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nbody_dt")
+    else:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
@@ -308,7 +313,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    _prepare_prefect()
+    _prepare_prefect(serving=True)
     from nbody_dt.config import load
     from nbody_dt.flows.deploy import serve
 

@@ -292,9 +292,9 @@ def worker(prefect, deployment, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def triggered(prefect, deployment, worker, tmp_path_factory):
-    """Two deployment runs triggered at once (the worker runs them side by side): a clean one, and
-    one that SIGKILLs itself in epoch 1. Both have the tiny config and a run directory in tmp;
-    otherwise they run with the deployment's parameters."""
+    """Two deployment runs triggered at once (the deployment's concurrency limit queues the second
+    until the first ends): a clean one, and one that SIGKILLs itself in epoch 1. Both have the tiny
+    config and a run directory in tmp; otherwise they run with the deployment's parameters."""
     root = tmp_path_factory.mktemp("runs")
     clean_url, crash_url = str(root / "clean"), str(root / "crash")
     # config_path None: the embedded default plus the overrides (not prefect.yaml's config file).
@@ -307,6 +307,17 @@ def triggered(prefect, deployment, worker, tmp_path_factory):
     crash = prefect.run_deployment({**params, "run_url": crash_url},
                                    job_variables={"env": {"NBODY_DT_KILL_AT": KILL_AT}})
     return {"clean": (clean, clean_url), "crash": (crash, crash_url)}
+
+
+def _run_log(prefect: Prefect, flow_run_id: str) -> list[str]:
+    """The log lines of a flow run as the Prefect UI shows them (read back from the server)."""
+    from uuid import UUID
+
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with prefect.client() as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_id)])))
+    return [f"{log.level} {log.message}" for log in logs]
 
 
 def _weights(url: str) -> dict:
@@ -355,6 +366,11 @@ def test_deployment_run_completes_and_fills_storage(prefect, triggered):
     flow_run_id, url = triggered["clean"]
     flow_run = prefect.wait(flow_run_id, "COMPLETED")
     assert flow_run.parameters["run_url"] == url
+    # One line per finished stage reaches the run's logs on the server (the Prefect UI).
+    lines = _run_log(prefect, flow_run_id)
+    for epoch in (1, 2):
+        for stage in ("collect", "persist", "replay", "epoch"):
+            assert any(f"epoch {epoch}/2 {stage}: " in line for line in lines), (epoch, stage, lines)
 
     stages = {(e, s) for e in (0, 1) for s in ("collect", "persist", "replay", "epoch")}
     with Run.open(url, write=False) as run:
@@ -372,7 +388,10 @@ def test_crashed_deployment_run_retry_resumes_from_storage(prefect, worker, trig
     flow_run_id, url = triggered["crash"]
     crashed = prefect.wait(flow_run_id, "CRASHED")
     assert crashed.run_count == 1
-    prefect.wait(clean_id, "COMPLETED")
+    clean = prefect.wait(clean_id, "COMPLETED")
+    # prefect.yaml's concurrency limit (1, ENQUEUE): the second run waited for the first.
+    first, second = sorted((clean, crashed), key=lambda r: r.start_time)
+    assert second.start_time >= first.end_time, (first.start_time, first.end_time, second.start_time)
     # After the crash the worker still runs the flow's on_crashed hooks in a subprocess (which
     # imports the flow: many seconds) and then reports the crash once more: a retry issued before
     # that is overwritten by that late Crashed state. So wait until the worker is idle.
@@ -405,6 +424,9 @@ def test_crashed_deployment_run_retry_resumes_from_storage(prefect, worker, trig
             client.update_work_pool(POOL, WorkPoolUpdate(is_paused=False))
     retried = prefect.wait(flow_run_id, "COMPLETED")
     assert retried.run_count == 2
+    # The nbody_dt logger's warning about the lock it took over is in the run's logs on the server.
+    lines = _run_log(prefect, flow_run_id)
+    assert any(line.startswith("30 breaking the lock of run") for line in lines), lines
 
     # Nothing that was in storage was redone: its ledger marks and metrics records are the same
     # files, no rows were appended twice, and only epoch 1's replay and epoch stages were added.
