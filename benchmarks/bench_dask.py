@@ -41,10 +41,10 @@ from nbody_dt.config import from_dict  # noqa: E402
 from nbody_dt.model.evaluate import StepCriteria  # noqa: E402
 from nbody_dt.model.history import History  # noqa: E402
 from nbody_dt.model.network import DtNetwork  # noqa: E402
+from nbody_dt.model.trajectory import Minibatch  # noqa: E402
 from nbody_dt.training.dask_evaluator import DaskEvaluator  # noqa: E402
 from nbody_dt.training.evaluators import LocalEvaluator  # noqa: E402
 from nbody_dt.training.setup import initial_states  # noqa: E402
-from nbody_dt.training.trajectory import Minibatch  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -35,13 +35,13 @@ from nbody_dt import config as C
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.model.features import compute_features
 from nbody_dt.model.network import DtNetwork
+from nbody_dt.model.trajectory import InMemoryTrajectory, Rows
 from nbody_dt.physics.gravity import min_freefall_time, total_energy
 from nbody_dt.physics.initial_conditions import kepler_ensemble
 from nbody_dt.physics.integrator import step_error
 from nbody_dt.training.evaluators import LocalEvaluator
 from nbody_dt.training.replay import apply_gradients, sample_minibatch
 from nbody_dt.training.setup import make_optimizer
-from nbody_dt.training.trajectory import InMemoryTrajectory, Rows
 
 HIDDEN = [200, 1000, 1000, 200]
 LOOP_GOAL, BARE_GOAL = 40.0, 1.3

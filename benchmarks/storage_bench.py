@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from nbody_dt import config
+from nbody_dt.model.trajectory import Rows
 from nbody_dt.storage import Run
-from nbody_dt.training.trajectory import Rows
 
 ORBITS = 16
 HISTORY = 4

@@ -14,7 +14,7 @@ import torch
 
 import nbody_dt
 from nbody_dt import config
-from nbody_dt.training.trajectory import Rows
+from nbody_dt.model.trajectory import Rows
 
 REPO = Path(nbody_dt.__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

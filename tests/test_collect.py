@@ -9,10 +9,11 @@ import torch
 
 from nbody_dt import config as C
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
+from nbody_dt.model.losses import select_loss
 from nbody_dt.physics.gravity import total_energy
 from nbody_dt.physics.integrator import kdk_step, step_error
 from nbody_dt.physics.state import State
-from nbody_dt.training.collect import CollectionStalled, LiveCollection, collect_trajectory, select_loss
+from nbody_dt.training.collect import CollectionStalled, LiveCollection, collect_trajectory
 from nbody_dt.training.setup import start_training
 from tests.conftest import PINNED
 

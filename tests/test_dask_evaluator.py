@@ -28,7 +28,6 @@ from nbody_dt.config import (  # noqa: E402
 from nbody_dt.model.evaluate import StepCriteria  # noqa: E402
 from nbody_dt.training import dask_evaluator, evaluators  # noqa: E402
 from nbody_dt.training.dask_evaluator import (  # noqa: E402
-    FAULT_FILE_ENV,
     DaskEvaluator,
     DaskUnavailable,
     cached_networks,
@@ -39,6 +38,7 @@ from nbody_dt.training.epoch import MemoryRun, train_epoch  # noqa: E402
 from nbody_dt.training.evaluators import LocalEvaluator, split_minibatch  # noqa: E402
 from nbody_dt.training.replay import generalize_on_trajectory, sample_minibatch  # noqa: E402
 from nbody_dt.training.setup import make_optimizer, start_training  # noqa: E402
+from tests.dask_faults import KillWorkerOnTask  # noqa: E402
 
 # A tiny network and a band the untrained network misses often: replay has failing samples
 # every iteration (10 iterations per epoch), and collection retrains as well.
@@ -91,15 +91,14 @@ def fault_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(fault_file):
+def cluster():
     import dask
     from distributed import LocalCluster
 
     # as DaskEvaluator starts its own: no Active Memory Manager, which may drop weight replicas
     with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
         c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-                         env={FAULT_FILE_ENV: str(fault_file)})
+                         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     with c:
         yield c
 
@@ -302,6 +301,7 @@ def test_worker_killed_mid_iteration_run_goes_on_with_the_same_result(evaluator,
     the other worker (the nanny restarts the dead one) and the run ends bit-for-bit like the
     run without the fault and the local run."""
     workers_before = set(evaluator.client.nthreads())
+    evaluator.client.register_plugin(KillWorkerOnTask(str(fault_file), "shard_task-"))
     fault_file.write_text("kill the first worker that starts a shard\n")
     weights_faulted, _ = run_two_epochs(cfg, evaluator)
     assert not fault_file.exists()  # a shard task claimed the fault and killed its worker

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from nbody_dt import config as C
-from nbody_dt.training.epoch import MemoryRun, replay_window_start, train_epoch
+from nbody_dt.model.trajectory import Rows, window_bounds
+from nbody_dt.training.epoch import MemoryRun, train_epoch
 from nbody_dt.training.setup import restore, snapshot, start_training
-from nbody_dt.training.trajectory import Rows
 from tests.conftest import PINNED
 
 ORBITS, K = 3, 1
@@ -136,10 +136,12 @@ def test_restore_rebuilds_the_run(cfg):
     assert back.model is not tr.model and back.optimizer.param_groups[0]["lr"] == 0.01
 
 
-@pytest.mark.parametrize("kind,expected", [("epoch", 40), ("all", 0), ("last", 70)])
-def test_replay_window_start(kind, expected):
-    assert replay_window_start(kind, epoch_start=40, total_rows=100, last_rows=30) == expected
-    assert replay_window_start("last", 40, 20, 30) == 0
+@pytest.mark.parametrize("kind,expected", [("epoch", (40, 60)), ("all", (0, 100)), ("last", (70, 100))])
+def test_window_bounds(kind, expected):
+    assert window_bounds(kind, (40, 60), total_rows=100, last_rows=30) == expected
+    assert window_bounds("last", (0, 20), 20, 30) == (0, 20)
+    with pytest.raises(ValueError, match="unknown window"):
+        window_bounds("recent", (0, 0), 10, 3)
 
 
 def test_one_payload_restores_twice_to_the_same_run(cfg):

@@ -12,6 +12,7 @@ import torch
 
 from nbody_dt import config as C
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
+from nbody_dt.model.trajectory import InMemoryTrajectory, Rows
 from nbody_dt.training.collect import collect_trajectory
 from nbody_dt.training.evaluators import LocalEvaluator
 from nbody_dt.training.replay import (
@@ -22,7 +23,6 @@ from nbody_dt.training.replay import (
     sample_positions,
 )
 from nbody_dt.training.setup import start_training
-from nbody_dt.training.trajectory import InMemoryTrajectory, Rows
 from tests.conftest import PINNED
 
 ORBITS, STEPS, K = 4, 8, 1

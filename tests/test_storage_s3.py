@@ -7,6 +7,7 @@ import pytest
 import torch
 from storage_fixtures import make_rows, s3_options, small_config  # noqa: F401  (s3_options is a fixture)
 
+from nbody_dt.model.trajectory import InMemoryTrajectory
 from nbody_dt.report import report_dict
 from nbody_dt.storage import (
     Run,
@@ -18,7 +19,6 @@ from nbody_dt.storage import (
     save_checkpoint,
     write_metrics,
 )
-from nbody_dt.training.trajectory import InMemoryTrajectory
 
 pytestmark = pytest.mark.slow
 

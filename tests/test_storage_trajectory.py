@@ -12,9 +12,9 @@ import torch
 import zarr
 from storage_fixtures import make_rows, run_child, small_config
 
+from nbody_dt.faults import PAUSE_ENV
+from nbody_dt.model.trajectory import InMemoryTrajectory, Rows, link_previous
 from nbody_dt.storage import Run, RunError
-from nbody_dt.storage.trajectory_store import PAUSE_ENV
-from nbody_dt.training.trajectory import InMemoryTrajectory, Rows, link_previous
 
 HISTORY = 4
 
@@ -166,7 +166,7 @@ def test_killed_between_resize_and_commit(tmp_path):
     child = run_child(
         "from storage_fixtures import make_rows; from nbody_dt.storage import Run; "
         f"Run.open({url!r}).trajectory.append(make_rows(1, [0, 1, 2, 3], 4, first_step=3), 1)",
-        **{PAUSE_ENV: str(marker)})
+        **{PAUSE_ENV: f"before-commit:{marker}"})
     deadline = time.monotonic() + 60
     while not marker.exists():
         assert child.poll() is None and time.monotonic() < deadline, "child never reached the commit"

@@ -102,3 +102,8 @@ def margin_loss(
     target = (log_dt - distance).detach()
     loss = _weighted(distance, overshoot_weight) * (log_dt - target).pow(2)
     return torch.where(torch.isfinite(rel_dE), loss, _nonfinite_penalty(log_dt, penalty))
+
+
+def select_loss(loss: torch.Tensor, passed: torch.Tensor, on: str) -> torch.Tensor:
+    """The per-sample losses that count (config loss.on): all of them, or the failing samples' only."""
+    return loss if on == "all" else loss[~passed]

@@ -20,6 +20,19 @@ from nbody_dt.physics.state import State
 
 FLOAT_COLUMNS = ("dt", "time", "energy", "rel_dE")
 INT_COLUMNS = ("orbit", "step", "epoch")
+WINDOWS = ("epoch", "all", "last")
+
+
+def window_bounds(kind: str, epoch_range: tuple[int, int], total_rows: int, last_rows: int) -> tuple[int, int]:
+    """Rows [start, stop) that a replay window holds (config replay.window): the epoch's rows
+    (`epoch_range`), all `total_rows`, or the `last_rows` last ones."""
+    if kind == "epoch":
+        return epoch_range
+    if kind == "last":
+        return max(0, total_rows - last_rows), total_rows
+    if kind == "all":
+        return 0, total_rows
+    raise ValueError(f"unknown window {kind!r} (expected one of {', '.join(WINDOWS)})")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""The one error type of the storage layer."""
+"""The error types of the storage layer (and `one_line`, which their messages use)."""
+
+from nbody_dt.errors import one_line
+
+__all__ = ["RunError", "RunNotFound", "one_line"]
 
 
 class RunError(Exception):
@@ -11,9 +15,3 @@ class RunError(Exception):
 
 class RunNotFound(RunError):
     """Nothing at all is stored at the run URL (a fresh run may be created there)."""
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (fsspec/botocore messages can span many lines)."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -20,55 +20,44 @@ is written, even when it holds only fill values, so a missing one is always dama
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import os
-import time
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec
-from zarr.core.sync import sync
 
-from nbody_dt.physics.state import State
-from nbody_dt.storage.errors import RunError, one_line
-from nbody_dt.training.trajectory import (
+from nbody_dt.faults import pause_point
+from nbody_dt.model.trajectory import (
     FLOAT_COLUMNS,
     INT_COLUMNS,
     Minibatch,
     Rows,
     link_previous,
     minibatch_from_arrays,
+    window_bounds,
 )
+from nbody_dt.physics.state import State
+from nbody_dt.storage.errors import RunError, one_line
 
 COMMIT_ATTR = "nbody_dt_commit"
 EMPTY_COMMIT = {"rows": 0, "last_row_of_orbit": [], "epochs": []}
 ARRAY_CONFIG = {"write_empty_chunks": True}
 ROW_COLUMNS = ("position", "velocity", "mass", *FLOAT_COLUMNS, *INT_COLUMNS, "warmup")
 COLUMNS = (*ROW_COLUMNS, "prev")
-WINDOWS = ("epoch", "all", "last")
-PAUSE_ENV = "NBODY_DT_TEST_PAUSE_BEFORE_COMMIT"
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3)
 
 
-def _concurrently(coroutines) -> list:
-    """Run Zarr async array operations together on Zarr's event loop: one round of I/O for all
-    columns instead of one per column (matters most on object stores)."""
-
-    async def run():
-        return await asyncio.gather(*coroutines)
-
-    return sync(run())
-
-
-def _pause_before_commit() -> None:
-    """Test hook: with NBODY_DT_TEST_PAUSE_BEFORE_COMMIT=<path>, create <path> and wait to be killed."""
-    marker = os.environ.get(PAUSE_ENV)
-    if marker:
-        Path(marker).write_text(str(os.getpid()))
-        time.sleep(3600)
+def _each(function, items) -> list:
+    """[function(item) for item in items], called from one thread per item: Zarr's synchronous
+    array calls then overlap on Zarr's own I/O loop, one round of I/O for all columns instead of
+    one per column (matters most on object stores)."""
+    items = list(items)
+    if len(items) < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(function, items))
 
 
 class TrajectoryStore:
@@ -196,10 +185,10 @@ class TrajectoryStore:
         if self._group is None:
             self._group = zarr.create_group(self._store, zarr_format=3, attributes={COMMIT_ATTR: EMPTY_COMMIT})
         if stop > start:
-            arrays = {name: self._array(name, data).async_array for name, data in cols.items()}
-            _concurrently(a.resize((stop, *a.shape[1:])) for a in arrays.values())
-            _concurrently(a.setitem(slice(start, stop), cols[name]) for name, a in arrays.items())
-        _pause_before_commit()
+            arrays = {name: self._array(name, data) for name, data in cols.items()}
+            _each(lambda a: a.resize((stop, *a.shape[1:])), arrays.values())
+            _each(lambda name: arrays[name].set_basic_selection(slice(start, stop), cols[name]), arrays)
+        pause_point("before-commit")  # crash tests: killed with the rows written, not committed
         epochs = {**self._epochs, epoch: (start, stop)}
         digests = {**self._digests, epoch: column_digests(cols)}
         if self._fence:
@@ -346,7 +335,7 @@ class TrajectoryStore:
         if not 0 <= start <= stop <= self._rows:
             raise ValueError(f"rows [{start}, {stop}) are outside the {self._rows} committed rows of {self.where}")
         present = [name for name in names if name in self._arrays]
-        data = _concurrently(self._arrays[name].async_array.getitem(slice(start, stop)) for name in present)
+        data = _each(lambda name: self._arrays[name].get_basic_selection(slice(start, stop)), present)
         out = dict(zip(present, data, strict=True))
         return {name: out[name] if name in out else self._empty(name) for name in names}
 
@@ -376,18 +365,12 @@ class TrajectoryStore:
     def window(self, kind: str = "all", *, epoch: int | None = None, last_rows: int | None = None,
                history_len: int = 0) -> StoredWindow:
         """A ReplaySource: 'epoch' (the rows of `epoch`), 'all', or the 'last' `last_rows` committed rows."""
-        if kind == "all":
-            start, stop = 0, self._rows
-        elif kind == "epoch":
-            if epoch is None:
-                raise ValueError("the 'epoch' window needs epoch=")
-            start, stop = self.epoch_range(epoch)
-        elif kind == "last":
-            if last_rows is None or last_rows < 1:
-                raise ValueError("the 'last' window needs last_rows >= 1")
-            start, stop = max(0, self._rows - last_rows), self._rows
-        else:
-            raise ValueError(f"unknown window {kind!r} (expected one of {', '.join(WINDOWS)})")
+        if kind == "epoch" and epoch is None:
+            raise ValueError("the 'epoch' window needs epoch=")
+        if kind == "last" and (last_rows is None or last_rows < 1):
+            raise ValueError("the 'last' window needs last_rows >= 1")
+        epoch_range = self.epoch_range(epoch) if kind == "epoch" else (0, 0)
+        start, stop = window_bounds(kind, epoch_range, self._rows, last_rows or 0)
         return StoredWindow(self, start, stop, history_len)
 
 

@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from nbody_dt.faults import crash_point
+from nbody_dt.model.trajectory import Rows
 from nbody_dt.storage import (
     is_done,
     load_latest_checkpoint,
@@ -30,7 +31,6 @@ from nbody_dt.tasks import runtime
 from nbody_dt.training.collect import collect_trajectory
 from nbody_dt.training.replay import generalize_on_trajectory
 from nbody_dt.training.setup import Training, restore, snapshot, start_training
-from nbody_dt.training.trajectory import Rows
 
 _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EBUSY}
 

@@ -10,10 +10,11 @@ import torch
 from nbody_dt.config import Config
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.model.history import History
+from nbody_dt.model.losses import select_loss
 from nbody_dt.model.network import DtNetwork
+from nbody_dt.model.trajectory import Rows
 from nbody_dt.physics.gravity import total_energy
 from nbody_dt.physics.state import State
-from nbody_dt.training.trajectory import Rows
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,6 @@ class CollectionStalled(RuntimeError):
             f"(last relative energy error {rel_dE:.3e}); raise collect.max_retrain_steps or relax the band"
         )
         self.orbit, self.step, self.rel_dE, self.rows, self.live = orbit, step, rel_dE, rows, live
-
-
-def select_loss(loss: torch.Tensor, passed: torch.Tensor, on: str) -> torch.Tensor:
-    """The per-sample losses that count: all of them, or the failing samples' only."""
-    return loss if on == "all" else loss[~passed]
 
 
 def collect_trajectory(

@@ -28,8 +28,6 @@ times. This module never imports Prefect or storage.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 import uuid
@@ -42,9 +40,11 @@ import numpy as np
 import torch
 
 from nbody_dt.config import Config, ConfigError, from_dict
+from nbody_dt.errors import one_line
 from nbody_dt.model.evaluate import StepCriteria
 from nbody_dt.model.history import History
 from nbody_dt.model.network import DtNetwork
+from nbody_dt.model.trajectory import Minibatch
 from nbody_dt.physics.state import State
 from nbody_dt.training.evaluators import (
     Evaluator,
@@ -55,9 +55,7 @@ from nbody_dt.training.evaluators import (
     reduce_shards,
     split_minibatch,
 )
-from nbody_dt.training.trajectory import Minibatch
 
-FAULT_FILE_ENV = "NBODY_DT_DASK_FAULT_FILE"
 """Test hook: when set in a worker's environment and the file it names exists, the first shard
 task that manages to delete the file kills its own worker process (SIGKILL), mid-iteration."""
 
@@ -126,17 +124,6 @@ def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(array).to(device)
 
 
-def _maybe_inject_fault() -> None:
-    path = os.environ.get(FAULT_FILE_ENV)
-    if not path:
-        return
-    try:
-        os.unlink(path)  # atomic: exactly one task claims the fault
-    except FileNotFoundError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def shard_task(spec: dict, weights: dict[str, np.ndarray], weights_key: str, shard: tuple[np.ndarray, ...],
                criteria: StepCriteria, loss_on: str) -> dict[str, Any]:
     """Runs on a worker: `evaluators.evaluate_shard` on one shard with the broadcast weights.
@@ -146,7 +133,6 @@ def shard_task(spec: dict, weights: dict[str, np.ndarray], weights_key: str, sha
     arrays in parameter order, or None when no sample of the shard carried loss), all on the
     CPU, and compute_s (the task's own time, for profiling).
     """
-    _maybe_inject_fault()
     start = time.perf_counter()
     entry = _cached_network(spec)
     device = entry.device
@@ -201,9 +187,21 @@ def shard_result(out: dict) -> ShardResult:
                        out["loss_sum"], out["loss_count"], grads)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+def start_local_cluster(n_workers: int, **kwargs):
+    """The cluster of an evaluator without an address: dask-cuda's LocalCUDACluster where this
+    machine has GPUs (one worker per device, each pinned to its own; LocalCluster's workers would
+    all use cuda:0), else distributed's LocalCluster. GPUs without dask-cuda (the `cuda` extra)
+    are refused rather than silently shared."""
+    if not torch.cuda.is_available():
+        from distributed import LocalCluster
+
+        return LocalCluster(n_workers=n_workers, **kwargs)
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        raise DaskUnavailable("local Dask workers on GPUs need dask-cuda (pip install 'nbody-dt[cuda]'); "
+                              "without it every worker would use cuda:0") from None
+    return LocalCUDACluster(n_workers=min(n_workers, torch.cuda.device_count()), **kwargs)
 
 
 class DaskEvaluator:
@@ -232,7 +230,7 @@ class DaskEvaluator:
                  connect_timeout: float = 5.0, worker_timeout: float = 60.0,
                  max_attempts: int = 3, direct_to_workers: bool | None = None, cluster_kwargs: dict | None = None):
         import dask
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
         address = address or None
         cluster = client = None
@@ -248,7 +246,7 @@ class DaskEvaluator:
             # afresh (twice the page faults of a replay iteration, measured).
             with dask.config.set({"distributed.scheduler.active-memory-manager.start": False,
                                   "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-                cluster = LocalCluster(**kwargs)
+                cluster = start_local_cluster(**kwargs)
             try:
                 direct = True if direct_to_workers is None else direct_to_workers
                 client = Client(cluster, timeout=f"{connect_timeout}s", direct_to_workers=direct)
@@ -260,7 +258,7 @@ class DaskEvaluator:
                 client = Client(address, timeout=f"{connect_timeout}s", direct_to_workers=direct_to_workers)
             except Exception as exc:
                 raise DaskUnavailable(f"Dask scheduler at {address} is unreachable within {connect_timeout:g} s "
-                                      f"({_one_line(exc)})") from None
+                                      f"({one_line(exc, with_type=True)})") from None
             try:
                 client.wait_for_workers(1, timeout=worker_timeout)
             except Exception:
@@ -350,7 +348,7 @@ class DaskEvaluator:
                 # holding them: scatter again and resubmit the whole iteration
                 self._spec = None
                 if attempt == self.max_attempts:
-                    raise RuntimeError(f"Dask replay iteration failed {attempt} times: {_one_line(exc)}") from exc
+                    raise RuntimeError(f"Dask replay iteration failed {attempt} times: {one_line(exc, with_type=True)}") from exc
                 self.resubmissions += 1
                 time.sleep(0.5 * attempt)
             finally:

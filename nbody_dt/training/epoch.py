@@ -5,20 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from nbody_dt.config import Config
+from nbody_dt.model.trajectory import InMemoryTrajectory, Rows, link_previous, window_bounds
 from nbody_dt.training.collect import collect_trajectory
 from nbody_dt.training.evaluators import Evaluator
 from nbody_dt.training.replay import generalize_on_trajectory
 from nbody_dt.training.setup import Training
-from nbody_dt.training.trajectory import InMemoryTrajectory, Rows, link_previous
-
-
-def replay_window_start(kind: str, epoch_start: int, total_rows: int, last_rows: int) -> int:
-    """First row replayed by a window: this epoch's rows, all rows, or the last `last_rows`."""
-    if kind == "epoch":
-        return epoch_start
-    if kind == "last":
-        return max(0, total_rows - last_rows)
-    return 0
 
 
 class MemoryRun:
@@ -42,7 +33,9 @@ class MemoryRun:
         self.blocks.append(Rows(**{k: v.cpu() for k, v in rows.as_dict().items()}))
 
     def window(self, cfg: Config, epoch: int) -> InMemoryTrajectory:
-        start = replay_window_start(cfg.replay.window, self.epoch_start[epoch], self.num_rows, cfg.replay.last_rows)
+        # The epoch is the last one appended: its rows run to the end.
+        start, _ = window_bounds(cfg.replay.window, (self.epoch_start[epoch], self.num_rows), self.num_rows,
+                                 cfg.replay.last_rows)
         return InMemoryTrajectory(Rows.cat(self.blocks), self.prev, self.history_len, start)
 
 

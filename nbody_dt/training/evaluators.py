@@ -22,9 +22,10 @@ import torch
 from nbody_dt.config import Config
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.model.history import History
+from nbody_dt.model.losses import select_loss
 from nbody_dt.model.network import DtNetwork
+from nbody_dt.model.trajectory import Minibatch
 from nbody_dt.physics.state import State
-from nbody_dt.training.trajectory import Minibatch
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def evaluate_shard(model: DtNetwork, shard: Minibatch, criteria: StepCriteria, l
     state = State(_owned(s.position, device), _owned(s.velocity, device), _owned(s.mass, device))
     history = History(_owned(h.position, device), _owned(h.velocity, device), _owned(h.valid, device))
     ev = evaluate_step(model, state, history, criteria)
-    selected = ev.loss if loss_on == "all" else ev.loss[~ev.passed]
+    selected = select_loss(ev.loss, ev.passed, loss_on)
     loss_sum = selected.sum()
     grads = None
     if selected.numel():

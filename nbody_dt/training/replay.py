@@ -12,10 +12,10 @@ import torch
 
 from nbody_dt.config import Config
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
+from nbody_dt.model.losses import select_loss
 from nbody_dt.model.network import DtNetwork
-from nbody_dt.training.collect import select_loss
+from nbody_dt.model.trajectory import Minibatch, ReplaySource
 from nbody_dt.training.evaluators import Evaluator, LocalEvaluator, MinibatchResult, on_model_device
-from nbody_dt.training.trajectory import Minibatch, ReplaySource
 
 
 def sample_positions(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
