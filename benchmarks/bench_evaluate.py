@@ -65,12 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     g = Gravity()
-    state, _ = kepler_ensemble(args.batch, (0.0, 0.95), (0.5, 2.0), seed=0)
+    state, _ = kepler_ensemble(args.batch, e_range=(0.0, 0.95), a_range=(0.5, 2.0), seed=0)
     history = History.empty(state, 0)
     model = DtNetwork(args.features, 2, 2, 0, HIDDEN, "silu", "log_freefall", g, dtype=torch.float64)
     model.set_scales(state)
     # Acceptance band [2.5e-5, 2e-4), error loss band [6e-5, 1.2e-4]; margin: its defaults (a probe step).
-    criteria = StepCriteria(g, 2e-4, 2.5e-5, args.loss, 6e-5, 1.2e-4, 3.0, 10.0)
+    criteria = StepCriteria(gravity=g, energy_threshold=2e-4, accept_lower=2.5e-5, loss_kind=args.loss,
+                            loss_lower=6e-5, loss_upper=1.2e-4, loss_exponent=3.0, nonfinite_penalty=10.0)
     features, _ = compute_features(args.features, state, history, g, model.scales)
     n_params = sum(p.numel() for p in model.parameters())
 

@@ -50,7 +50,7 @@ LOOP_GOAL, BARE_GOAL = 40.0, 1.3
 def kepler_trajectory(orbits: int, steps: int, cfg: C.Config) -> InMemoryTrajectory:
     """orbits x steps accepted-looking rows: each orbit advanced by KDK steps of 0.02 t_ff."""
     g = StepCriteria.from_config(cfg).gravity
-    state, _ = kepler_ensemble(orbits, (0.0, 0.95), (0.5, 2.0), seed=0)
+    state, _ = kepler_ensemble(orbits, e_range=(0.0, 0.95), a_range=(0.5, 2.0), seed=0)
     t = torch.zeros(orbits, dtype=torch.float64)
     blocks = []
     for k in range(steps):

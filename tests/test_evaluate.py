@@ -26,7 +26,7 @@ def batch_with_history(k: int) -> tuple[State, History]:
     """B Kepler states with a K-slot history whose validity differs across systems (0, 1, .. K valid slots)."""
     # e >= 0.05: the stratified ensemble spans its range, and the band loss's gradient through the step
     # of an exactly circular orbit (err ~ dt^6, tiny) is dominated by round-off
-    s, _ = ics.kepler_ensemble(B, (0.05, 0.95), (0.5, 2.0), seed=1)
+    s, _ = ics.kepler_ensemble(B, e_range=(0.05, 0.95), a_range=(0.5, 2.0), seed=1)
     h = History.empty(s, k)
     older = []
     p = s
@@ -57,10 +57,13 @@ def geometric_mid(sorted_values: torch.Tensor, i: int) -> float:
 def band_criteria(net: DtNetwork, s: State, h: History, loss_kind: str) -> StepCriteria:
     """An acceptance band that passes about half of the batch and a loss band inside it,
     with edges placed between observed errors (no sample sits on an edge)."""
-    probe = evaluate_step(net, s, h, StepCriteria(G1, 1.0, 0.0, loss_kind, 1e-8, 1e-7, 3.0, 10.0))
+    wide = StepCriteria(gravity=G1, energy_threshold=1.0, accept_lower=0.0, loss_kind=loss_kind, loss_lower=1e-8,
+                        loss_upper=1e-7, loss_exponent=3.0, nonfinite_penalty=10.0)
+    probe = evaluate_step(net, s, h, wide)
     q = probe.rel_dE.sort().values
-    return StepCriteria(G1, geometric_mid(q, 11), geometric_mid(q, 3), loss_kind, geometric_mid(q, 5),
-                        geometric_mid(q, 9), 3.0, 10.0)
+    return StepCriteria(gravity=G1, energy_threshold=geometric_mid(q, 11), accept_lower=geometric_mid(q, 3),
+                        loss_kind=loss_kind, loss_lower=geometric_mid(q, 5),
+                        loss_upper=geometric_mid(q, 9), loss_exponent=3.0, nonfinite_penalty=10.0)
 
 
 def assert_rel_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -100,7 +103,8 @@ def test_vectorized_evaluation_equals_per_sample_loop(kind, k, loss_kind):
 def test_evaluation_is_one_kdk_step_with_the_predicted_dt():
     s, h = batch_with_history(1)
     net = model("rich", 1, s)
-    crit = StepCriteria(G1, 2e-4, 2.5e-5, "band", 6e-5, 1.2e-4, 3.0, 10.0)
+    crit = StepCriteria(gravity=G1, energy_threshold=2e-4, accept_lower=2.5e-5, loss_kind="band", loss_lower=6e-5,
+                        loss_upper=1.2e-4, loss_exponent=3.0, nonfinite_penalty=10.0)
     ev = evaluate_step(net, s, h, crit)
     torch.testing.assert_close(ev.dt, net(s, h), rtol=1e-15, atol=0)
     torch.testing.assert_close(ev.log_dt, torch.log(ev.dt), rtol=1e-15, atol=0)
@@ -111,7 +115,8 @@ def test_evaluation_is_one_kdk_step_with_the_predicted_dt():
     assert torch.equal(ev.passed, (err >= 2.5e-5) & (err < 2e-4))
     assert not ev.next_state.position.requires_grad and not ev.rel_dE.requires_grad
     # substeps: the same dt split into two KDK steps.
-    crit2 = StepCriteria(G1, 2e-4, 2.5e-5, "band", 6e-5, 1.2e-4, 3.0, 10.0, substeps=2)
+    crit2 = StepCriteria(gravity=G1, energy_threshold=2e-4, accept_lower=2.5e-5, loss_kind="band", loss_lower=6e-5,
+                         loss_upper=1.2e-4, loss_exponent=3.0, nonfinite_penalty=10.0, substeps=2)
     ev2 = evaluate_step(net, s, h, crit2)
     torch.testing.assert_close(ev2.next_state.position, kdk_step(s, ev.dt.detach(), G1, 2).position,
                                rtol=1e-14, atol=1e-15)
@@ -121,7 +126,8 @@ def test_evaluation_is_one_kdk_step_with_the_predicted_dt():
 def test_max_dt_caps_the_step():
     s, h = batch_with_history(0)
     net = model("rich", 0, s)
-    crit = StepCriteria(G1, 2e-4, 2.5e-5, "regression", 6e-5, 1.2e-4, 3.0, 10.0)
+    crit = StepCriteria(gravity=G1, energy_threshold=2e-4, accept_lower=2.5e-5, loss_kind="regression",
+                        loss_lower=6e-5, loss_upper=1.2e-4, loss_exponent=3.0, nonfinite_penalty=10.0)
     free = evaluate_step(net, s, h, crit).dt.detach()
     cap = free.clone()
     cap[::2] = free[::2] / 3
@@ -137,7 +143,9 @@ def test_step_criteria_from_config():
                             "loss.exponent=2.5", "loss.nonfinite_penalty=3.0", "collect.substeps=4",
                             "loss.overshoot_weight=2.0"])
     c = StepCriteria.from_config(cfg)
-    assert c == StepCriteria(Gravity(2.0, 0.01), 1e-3, 1e-5, "band", 2e-5, 5e-4, 2.5, 3.0, 4, 2.0)
+    assert c == StepCriteria(gravity=Gravity(2.0, 0.01), energy_threshold=1e-3, accept_lower=1e-5, loss_kind="band",
+                             loss_lower=2e-5, loss_upper=5e-4, loss_exponent=2.5, nonfinite_penalty=3.0, substeps=4,
+                             overshoot_weight=2.0)
 
 
 def test_learned_policy_agrees_with_the_evaluation_primitive():
@@ -145,7 +153,8 @@ def test_learned_policy_agrees_with_the_evaluation_primitive():
     s, _ = ics.kepler_orbits(torch.tensor(1.0), torch.tensor(0.6), torch.tensor(1.0), torch.tensor(1.0))
     k = 2
     net = model("delta_mag", k, s)
-    crit = StepCriteria(G1, 2e-4, 2.5e-5, "regression", 6e-5, 1.2e-4, 3.0, 10.0)
+    crit = StepCriteria(gravity=G1, energy_threshold=2e-4, accept_lower=2.5e-5, loss_kind="regression",
+                        loss_lower=6e-5, loss_upper=1.2e-4, loss_exponent=3.0, nonfinite_penalty=10.0)
     policy = LearnedPolicy(net, crit)
     h = History.empty(s, k)
     state = s
@@ -168,14 +177,16 @@ def test_margin_loss_in_the_primitive_measures_its_exponent_with_a_probe_step():
     s, _ = ics.kepler_orbits(torch.tensor([1.0, 0.7]), torch.tensor([0.6, 0.95]), torch.tensor(1.0),
                              torch.tensor(1.0), start="pericentre")
     net = model("rich", 0, s)
-    crit = StepCriteria(G1, 2e-4, 2.5e-5, "margin", 6e-5, 1.2e-4, 3.0, 10.0, dt_fraction_range=(0.8, 0.85),
+    crit = StepCriteria(gravity=G1, energy_threshold=2e-4, accept_lower=2.5e-5, loss_kind="margin", loss_lower=6e-5,
+                        loss_upper=1.2e-4, loss_exponent=3.0, nonfinite_penalty=10.0, dt_fraction_range=(0.8, 0.85),
                         probe_ratio=1.2)
     h = History.empty(s, 0)
     ev = evaluate_step(net, s, h, crit)
     dt = ev.dt.detach()
     e0 = total_energy(s, G1)
     probe = relative_energy_error(e0, total_energy(kdk_step(s, 1.2 * dt, G1), G1))
-    expected = margin_loss(ev.rel_dE, probe, ev.log_dt, 2e-4, 0.8, 0.85, 1.2, 3.0, 10.0, accept_lower=2.5e-5)
+    expected = margin_loss(ev.rel_dE, probe, ev.log_dt, threshold=2e-4, lower=0.8, upper=0.85, probe_ratio=1.2,
+                           min_exponent=3.0, penalty=10.0, accept_lower=2.5e-5)
     torch.testing.assert_close(ev.loss, expected, rtol=1e-12, atol=0)
     assert bool((ev.loss > 0).all()) and ev.loss.requires_grad  # an untrained net is far from the band
     no_loss = evaluate_step(net, s, h, crit, with_loss=False)

@@ -24,7 +24,7 @@ KINDS = ("basic", "rich", "delta_mag")
 
 
 def ensemble(b: int = 6, seed: int = 1) -> State:
-    s, _ = ics.kepler_ensemble(b, (0.0, 0.9), (0.5, 2.0), seed=seed)
+    s, _ = ics.kepler_ensemble(b, e_range=(0.0, 0.9), a_range=(0.5, 2.0), seed=seed)
     return s
 
 
@@ -49,7 +49,8 @@ def tiny_net(kind: str, n: int, k: int, output: str = "log_freefall", **kw) -> D
 
 
 def criteria(kind: str, lower=1e-12, upper=2e-12, accept=(0.0, 1.0)) -> StepCriteria:
-    return StepCriteria(G1, accept[1], accept[0], kind, lower, upper, 3.0, 10.0)
+    return StepCriteria(gravity=G1, energy_threshold=accept[1], accept_lower=accept[0], loss_kind=kind,
+                        loss_lower=lower, loss_upper=upper, loss_exponent=3.0, nonfinite_penalty=10.0)
 
 
 # ---------------------------------------------------------------- history
@@ -291,7 +292,8 @@ def test_margin_loss_puts_dt_at_a_fixed_fraction_of_the_threshold_dt_whatever_th
     fractions = torch.tensor([0.5, 0.8, 0.86, 0.95, 1.2], dtype=F64)
     log_dt = torch.log(fractions * dt_thr).requires_grad_(True)
     dt = log_dt.detach().exp()
-    loss = margin_loss(c * dt**p, c * (ratio * dt) ** p, log_dt, threshold, 0.84, 0.9, ratio, 3.0, 10.0)
+    loss = margin_loss(c * dt**p, c * (ratio * dt) ** p, log_dt, threshold=threshold, lower=0.84, upper=0.9,
+                       probe_ratio=ratio, min_exponent=3.0, penalty=10.0)
     expected = torch.tensor([math.log(0.5 / 0.84), math.log(0.8 / 0.84), 0.0, math.log(0.95 / 0.9),
                              math.log(1.2 / 0.9)], dtype=F64)
     torch.testing.assert_close(loss, expected**2, rtol=1e-9, atol=1e-15)
@@ -303,7 +305,8 @@ def test_margin_loss_with_a_cubic_law_is_the_regression_loss_on_the_matching_err
     threshold, lo, hi = 2e-4, 0.84, 0.9
     err = torch.tensor([1e-6, 5e-5, 1.2e-4, 3e-4, 1e-2], dtype=F64)
     log_dt = torch.zeros(5, dtype=F64, requires_grad=True)
-    margin = margin_loss(err, err * 1.1**3, log_dt, threshold, lo, hi, 1.1, 3.0, 10.0)
+    margin = margin_loss(err, err * 1.1**3, log_dt, threshold=threshold, lower=lo, upper=hi, probe_ratio=1.1,
+                         min_exponent=3.0, penalty=10.0)
     regression = regression_loss(err, log_dt, threshold * lo**3, threshold * hi**3, 3.0, 10.0)
     torch.testing.assert_close(margin, regression, rtol=1e-9, atol=1e-15)
 
@@ -313,7 +316,8 @@ def test_margin_loss_clamps_the_measured_exponent_and_falls_back_where_the_probe
     # measured exponents: -5 (error falling), 40 (steep), a non-finite probe, a zero probe error
     probe = torch.tensor([1e-5 * 1.1**-5, 1e-5 * 1.1**40, float("nan"), 0.0], dtype=F64)
     log_dt = torch.zeros(4, dtype=F64, requires_grad=True)
-    loss = margin_loss(err, probe, log_dt, threshold, 0.84, 0.9, 1.1, 3.0, 10.0)
+    loss = margin_loss(err, probe, log_dt, threshold=threshold, lower=0.84, upper=0.9, probe_ratio=1.1,
+                       min_exponent=3.0, penalty=10.0)
     log_thr_over = math.log(threshold / 1e-5)  # log dt_thr - log dt = this / p
     used = torch.tensor([3.0, MAX_LOCAL_EXPONENT, 3.0, 3.0], dtype=F64)
     torch.testing.assert_close(loss, (log_thr_over / used + math.log(0.84)) ** 2, rtol=1e-9, atol=1e-15)
@@ -328,8 +332,10 @@ def test_margin_loss_never_admits_a_dt_below_the_acceptance_band():
     dt = log_dt.detach().exp()
     err = c * dt**p
     assert float(err) < accept_lower
-    loose = margin_loss(err, c * (1.1 * dt) ** p, log_dt, threshold, 0.84, 0.9, 1.1, 3.0, 10.0)
-    strict = margin_loss(err, c * (1.1 * dt) ** p, log_dt, threshold, 0.84, 0.9, 1.1, 3.0, 10.0,
+    loose = margin_loss(err, c * (1.1 * dt) ** p, log_dt, threshold=threshold, lower=0.84, upper=0.9, probe_ratio=1.1,
+                        min_exponent=3.0, penalty=10.0)
+    strict = margin_loss(err, c * (1.1 * dt) ** p, log_dt, threshold=threshold, lower=0.84, upper=0.9, probe_ratio=1.1,
+                         min_exponent=3.0, penalty=10.0,
                          accept_lower=accept_lower)
     assert float(loose.detach()) == 0.0
     torch.testing.assert_close(strict, (torch.log(accept_lower / err) / 3.0) ** 2, rtol=1e-9, atol=0)
@@ -343,7 +349,8 @@ def test_losses_are_finite_for_non_finite_errors(fn):
     log_dt = torch.tensor([0.5, -1.0, 0.0], dtype=F64, requires_grad=True)
     loss = {"band": lambda: band_loss(err, log_dt, 1e-5, 1e-4, 7.0),
             "regression": lambda: regression_loss(err, log_dt, 1e-5, 1e-4, 3.0, 7.0),
-            "margin": lambda: margin_loss(err, err * 2, log_dt, 2e-4, 0.84, 0.9, 1.1, 3.0, 7.0)}[fn]()
+            "margin": lambda: margin_loss(err, err * 2, log_dt, threshold=2e-4, lower=0.84, upper=0.9, probe_ratio=1.1,
+                                          min_exponent=3.0, penalty=7.0)}[fn]()
     assert loss[:2].tolist() == [7.0, 7.0]
     (g,) = torch.autograd.grad(loss.sum(), log_dt)
     assert bool(torch.isfinite(g).all()) and g[:2].tolist() == [7.0, 7.0]

@@ -327,9 +327,9 @@ def _recover_a_e(state: State, m1: float, m2: float, G: float = 1.0) -> tuple[to
 
 
 def test_kepler_ensemble_is_seeded_and_within_ranges():
-    s1, p1 = ics.kepler_ensemble(64, (0.2, 0.8), (0.5, 2.0), seed=11)
-    s2, p2 = ics.kepler_ensemble(64, (0.2, 0.8), (0.5, 2.0), seed=11)
-    s3, _ = ics.kepler_ensemble(64, (0.2, 0.8), (0.5, 2.0), seed=12)
+    s1, p1 = ics.kepler_ensemble(64, e_range=(0.2, 0.8), a_range=(0.5, 2.0), seed=11)
+    s2, p2 = ics.kepler_ensemble(64, e_range=(0.2, 0.8), a_range=(0.5, 2.0), seed=11)
+    s3, _ = ics.kepler_ensemble(64, e_range=(0.2, 0.8), a_range=(0.5, 2.0), seed=12)
     assert torch.equal(s1.position, s2.position) and torch.equal(s1.velocity, s2.velocity) and torch.equal(p1, p2)
     assert not torch.allclose(s1.position, s3.position)
     a, e = _recover_a_e(s1, 1.0, 1.0)
@@ -337,7 +337,8 @@ def test_kepler_ensemble_is_seeded_and_within_ranges():
     assert bool(((e > 0.2 - 1e-10) & (e < 0.8 + 1e-10)).all()), e
     # Stratified: both ranges spanned edge to edge whatever the seed, one orbit per stratum.
     for seed in range(6):
-        _, e_seed = _recover_a_e(ics.kepler_ensemble(64, (0.0, 0.99), (0.5, 2.0), seed=seed)[0], 1.0, 1.0)
+        _, e_seed = _recover_a_e(ics.kepler_ensemble(64, e_range=(0.0, 0.99), a_range=(0.5, 2.0), seed=seed)[0], 1.0,
+                                 1.0)
         assert float(e_seed.min()) == pytest.approx(0.0, abs=1e-9) and float(e_seed.max()) == pytest.approx(0.99)
     assert float(e.min()) == pytest.approx(0.2) and float(e.max()) == pytest.approx(0.8)
     assert float(a.min()) == pytest.approx(0.5) and float(a.max()) == pytest.approx(2.0)
@@ -351,8 +352,8 @@ def test_kepler_ensemble_is_seeded_and_within_ranges():
 
 
 def test_kepler_ensemble_dim3_pads_with_zeros():
-    s2, _ = ics.kepler_ensemble(8, (0.0, 0.9), (0.5, 2.0), seed=3, m1=2.0, m2=0.5)
-    s3, _ = ics.kepler_ensemble(8, (0.0, 0.9), (0.5, 2.0), seed=3, m1=2.0, m2=0.5, dim=3)
+    s2, _ = ics.kepler_ensemble(8, e_range=(0.0, 0.9), a_range=(0.5, 2.0), seed=3, m1=2.0, m2=0.5)
+    s3, _ = ics.kepler_ensemble(8, e_range=(0.0, 0.9), a_range=(0.5, 2.0), seed=3, m1=2.0, m2=0.5, dim=3)
     assert s3.dim == 3
     assert torch.equal(s3.position[..., :2], s2.position) and torch.equal(s3.velocity[..., :2], s2.velocity)
     assert torch.equal(s3.position[..., 2], torch.zeros(8, 2, dtype=F64))
@@ -407,7 +408,7 @@ def test_figure_eight_and_pythagorean_energies():
 
 
 def test_float32_builders():
-    s, _ = ics.kepler_ensemble(4, (0.0, 0.5), (1.0, 2.0), seed=0, dtype=torch.float32)
+    s, _ = ics.kepler_ensemble(4, e_range=(0.0, 0.5), a_range=(1.0, 2.0), seed=0, dtype=torch.float32)
     assert s.dtype == torch.float32 and s.mass.dtype == torch.float32
     assert ics.plummer_sphere(4, seed=0, dtype=torch.float32).dtype == torch.float32
 

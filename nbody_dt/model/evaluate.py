@@ -19,7 +19,7 @@ from nbody_dt.physics.integrator import kdk_step, relative_energy_error
 from nbody_dt.physics.state import State
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepCriteria:
     """Acceptance band, loss and integration settings of a step evaluation."""
 
@@ -39,9 +39,11 @@ class StepCriteria:
     @staticmethod
     def from_config(cfg: Config) -> StepCriteria:
         return StepCriteria(
-            Gravity(cfg.physics.G, cfg.physics.softening), cfg.collect.energy_threshold, cfg.collect.accept_lower,
-            cfg.loss.kind, cfg.loss.lower, cfg.loss.upper, cfg.loss.exponent, cfg.loss.nonfinite_penalty,
-            cfg.collect.substeps, cfg.loss.overshoot_weight, tuple(cfg.loss.dt_fraction_range), cfg.loss.probe_ratio,
+            gravity=Gravity(cfg.physics.G, cfg.physics.softening), energy_threshold=cfg.collect.energy_threshold,
+            accept_lower=cfg.collect.accept_lower, loss_kind=cfg.loss.kind, loss_lower=cfg.loss.lower,
+            loss_upper=cfg.loss.upper, loss_exponent=cfg.loss.exponent, nonfinite_penalty=cfg.loss.nonfinite_penalty,
+            substeps=cfg.collect.substeps, overshoot_weight=cfg.loss.overshoot_weight,
+            dt_fraction_range=cfg.loss.dt_fraction_range, probe_ratio=cfg.loss.probe_ratio,
         )
 
 
@@ -108,6 +110,7 @@ def _loss(state: State, energy: torch.Tensor, log_dt: torch.Tensor, dt: torch.Te
         probe = kdk_step(state, dt * criteria.probe_ratio, criteria.gravity, criteria.substeps)
         probe_rel_dE = relative_energy_error(energy, total_energy(probe, criteria.gravity))
     lower, upper = criteria.dt_fraction_range
-    return margin_loss(rel_dE, probe_rel_dE, log_dt, criteria.energy_threshold, lower, upper, criteria.probe_ratio,
-                       criteria.loss_exponent, criteria.nonfinite_penalty, criteria.overshoot_weight,
-                       criteria.accept_lower)
+    return margin_loss(rel_dE, probe_rel_dE, log_dt, threshold=criteria.energy_threshold, lower=lower, upper=upper,
+                       probe_ratio=criteria.probe_ratio, min_exponent=criteria.loss_exponent,
+                       penalty=criteria.nonfinite_penalty, overshoot_weight=criteria.overshoot_weight,
+                       accept_lower=criteria.accept_lower)

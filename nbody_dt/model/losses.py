@@ -69,7 +69,7 @@ circular orbits dt^6; near a sign change of the error the two-point estimate is 
 
 
 def margin_loss(
-    rel_dE: torch.Tensor, probe_rel_dE: torch.Tensor, log_dt: torch.Tensor, threshold: float, lower: float,
+    rel_dE: torch.Tensor, probe_rel_dE: torch.Tensor, log_dt: torch.Tensor, *, threshold: float, lower: float,
     upper: float, probe_ratio: float, min_exponent: float, penalty: float, overshoot_weight: float = 1.0,
     accept_lower: float = 0.0,
 ) -> torch.Tensor:

@@ -66,9 +66,10 @@ class DtNetwork(nn.Module):
     def from_config(cfg: Config, num_bodies: int) -> DtNetwork:
         m = cfg.model
         return DtNetwork(
-            m.features, num_bodies, cfg.physics.dim, m.history_len, list(m.hidden), m.activation, m.output,
-            Gravity(cfg.physics.G, cfg.physics.softening), m.dt_floor, m.initial_dt, m.fourier_features,
-            m.fourier_sigma, cfg.torch_dtype,
+            features=m.features, num_bodies=num_bodies, dim=cfg.physics.dim, history_len=m.history_len,
+            hidden=list(m.hidden), activation=m.activation, output=m.output,
+            gravity=Gravity(cfg.physics.G, cfg.physics.softening), dt_floor=m.dt_floor, initial_dt=m.initial_dt,
+            fourier_features=m.fourier_features, fourier_sigma=m.fourier_sigma, dtype=cfg.torch_dtype,
         )
 
     def set_scales(self, state: State) -> None:

@@ -91,6 +91,7 @@ def _spanning_strata(n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.
 
 def kepler_ensemble(
     num_orbits: int,
+    *,
     e_range: tuple[float, float],
     a_range: tuple[float, float],
     seed: int,

@@ -22,13 +22,13 @@ def initial_states(cfg: Config) -> State:
     """The training systems the config describes, in the run's dtype."""
     ic, dtype, dim = cfg.initial_conditions, cfg.torch_dtype, cfg.physics.dim
     if ic.kind == "kepler":
-        state, _ = ics.kepler_ensemble(ic.num_orbits, tuple(ic.e_range), tuple(ic.a_range), ic.seed, ic.m1, ic.m2,
-                                       cfg.physics.G, ic.start, dim, dtype)
+        state, _ = ics.kepler_ensemble(ic.num_orbits, e_range=ic.e_range, a_range=ic.a_range, seed=ic.seed, m1=ic.m1,
+                                       m2=ic.m2, G=cfg.physics.G, start=ic.start, dim=dim, dtype=dtype)
         return state
     if ic.kind == "plummer":
         return ics.plummer_sphere(ic.n_bodies, ic.seed, ic.num_orbits, dim, dtype)
     if ic.kind == "three_body":
-        return ics.free_fall_three_body(ic.num_orbits, ic.seed, tuple(ic.mass_range), dim, dtype)
+        return ics.free_fall_three_body(ic.num_orbits, ic.seed, ic.mass_range, dim, dtype)
     if ic.kind == "figure8":
         return ics.figure_eight(dim, dtype)
     return ics.pythagorean(dim, dtype)
