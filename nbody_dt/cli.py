@@ -54,7 +54,8 @@ def _add(sub, name: str, text: str):
 
 
 def _add_simulate(sub) -> None:
-    from nbody_dt.simulation import POLICIES, PROBLEMS
+    from nbody_dt.model.policy import POLICIES
+    from nbody_dt.physics.problems import PROBLEMS
 
     p = _add(sub, "simulate", "integrate one system with a dt policy and report its cost and accuracy")
     p.add_argument("--ic", choices=PROBLEMS, default="kepler", help="initial condition (default kepler)")
@@ -84,7 +85,8 @@ def _add_simulate(sub) -> None:
 
 
 def cmd_simulate(args) -> int:
-    from nbody_dt.simulation import make_policy, make_problem, run_problem
+    from nbody_dt.model.policy import make_policy, run_problem
+    from nbody_dt.physics.problems import make_problem
 
     if args.policy == "fixed" and args.dt is None:
         raise UsageError("simulate: --policy fixed needs --dt")

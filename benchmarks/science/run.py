@@ -47,11 +47,12 @@ import torch
 from nbody_dt.config import Config
 from nbody_dt.model.evaluate import StepCriteria
 from nbody_dt.model.network import DtNetwork
+from nbody_dt.model.policy import make_policy, run_problem
 from nbody_dt.physics import initial_conditions as ics
 from nbody_dt.physics.gravity import Gravity
 from nbody_dt.physics.policies import Advance
+from nbody_dt.physics.problems import Problem, make_problem
 from nbody_dt.physics.state import State
-from nbody_dt.simulation import Problem, make_policy, make_problem, run_problem
 from nbody_dt.training.setup import initial_states
 
 POLICIES = ("learned", "oracle", "controller", "freefall")

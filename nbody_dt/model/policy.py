@@ -1,16 +1,21 @@
-"""The learned dt policy for simulation: the evaluation primitive as a pure predictor."""
+"""dt policies for simulation: the learned one (the evaluation primitive as a pure predictor) beside
+the classical ones, chosen by name (`nbody-dt simulate --policy`), and a problem run with one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.model.history import History
 from nbody_dt.model.network import DtNetwork
-from nbody_dt.physics.policies import Advance
+from nbody_dt.physics.policies import Advance, DtPolicy, FixedDt, FreeFall, Oracle, StepController
+from nbody_dt.physics.problems import Problem
+from nbody_dt.physics.simulate import SimulationResult, simulate
 from nbody_dt.physics.state import State
+
+POLICIES = ("fixed", "freefall", "controller", "oracle", "learned")
 
 
 @dataclass
@@ -29,3 +34,29 @@ class LearnedPolicy:
             ev = evaluate_step(self.model, state, self.history, self.criteria, max_dt=cap, with_loss=False)
         self.history = self.history.push(state)
         return Advance(ev.next_state, float(ev.dt[0]), float(ev.rel_dE[0]), self.criteria.substeps)
+
+
+def make_policy(name: str, problem: Problem, threshold: float, *, dt: float | None = None, eta: float | None = None,
+                safety: float = 0.9, model: DtNetwork | None = None, criteria: StepCriteria | None = None) -> DtPolicy:
+    g = problem.gravity
+    if name == "fixed":
+        return FixedDt(dt, g)
+    if name == "freefall":
+        return FreeFall(eta, g)
+    if name == "controller":
+        return StepController(threshold, g, safety=safety)
+    if name == "oracle":
+        return Oracle(threshold, g)
+    if name == "learned":
+        # The network keeps the features and normalization it was trained with; the step
+        # itself uses this problem's gravity and threshold.
+        return LearnedPolicy(model, replace(criteria, gravity=g, energy_threshold=threshold, accept_lower=0.0))
+    raise ValueError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
+
+
+def run_problem(problem: Problem, policy: DtPolicy, threshold: float, record: bool = True) -> SimulationResult:
+    state = problem.state
+    if isinstance(policy, LearnedPolicy):
+        p = next(policy.model.parameters())
+        state = state.to(device=p.device, dtype=p.dtype)
+    return simulate(state, policy, problem.gravity, problem.t_end, threshold, record=record)
