@@ -233,18 +233,20 @@ class _Progress:
                                 console=self.console, speed_estimate_period=3600)
             self.task = self.bar.add_task(line, total=len(STAGES) * self.epochs, completed=event["stages_done"])
             self.bar.start()
-            self.bar.console.print(line)
+            self.bar.console.print(line, highlight=False)
             return
         epoch, stage = event["epoch"], event["stage"]
         line = f"epoch {epoch + 1}/{self.epochs} {stage:<8} {stage_summary(stage, event)}"
         if self.bar is None:
             self.console.print(line, soft_wrap=True)
             return
-        nxt = STAGES[(STAGES.index(stage) + 1) % len(STAGES)]
-        shown = epoch + (1 if stage == "epoch" else 0)
-        self.bar.update(self.task, advance=1, description=f"epoch {min(shown + 1, self.epochs)}/{self.epochs} {nxt}")
+        # The bar names what runs now: the next stage, or "done" after the last one.
+        following = STAGES[(STAGES.index(stage) + 1) % len(STAGES)]
+        upcoming = epoch + 1 + (1 if stage == "epoch" else 0)
+        now = f"epoch {upcoming}/{self.epochs} {following}" if upcoming <= self.epochs else "done"
+        self.bar.update(self.task, advance=1, description=now)
         if stage == "epoch":
-            self.bar.console.print(line)
+            self.bar.console.print(line, highlight=False)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -6,8 +6,8 @@ run this one flow. A failure is re-raised as TrainingFailed naming the run and t
 that continues it.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the flow's parameter types must be real objects when
+# Prefect builds its parameter model, also where a runner loads this file by its path.
 import time
 from pathlib import Path
 from typing import Literal
