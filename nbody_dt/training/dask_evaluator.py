@@ -348,7 +348,8 @@ class DaskEvaluator:
                 # holding them: scatter again and resubmit the whole iteration
                 self._spec = None
                 if attempt == self.max_attempts:
-                    raise RuntimeError(f"Dask replay iteration failed {attempt} times: {one_line(exc, with_type=True)}") from exc
+                    raise RuntimeError(f"Dask replay iteration failed {attempt} times: "
+                                       f"{one_line(exc, with_type=True)}") from exc
                 self.resubmissions += 1
                 time.sleep(0.5 * attempt)
             finally:
