@@ -182,23 +182,18 @@ def _log_handler(console):
 
 
 def _start_prefect(console) -> None:
-    """Start Prefect's local (ephemeral) server now, with a line saying so, unless PREFECT_API_URL names one."""
-    import time
-
+    """Start Prefect's local (ephemeral) server now unless PREFECT_API_URL names one; on a terminal
+    a status line says so while it starts (and goes away: output stays one line on an error)."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         return
-    start = time.perf_counter()
-    message = "starting Prefect's local server (PREFECT_API_URL is not set) ..."
-    if console.is_terminal:
-        with console.status(message):
-            get_client(sync_client=True)  # the process's one ephemeral server: the flow reuses it
-    else:
-        console.print(message)
+    if not console.is_terminal:
+        get_client(sync_client=True)  # the process's one ephemeral server: the flow reuses it
+        return
+    with console.status("starting Prefect's local server (PREFECT_API_URL is not set) ..."):
         get_client(sync_client=True)
-    console.print(f"Prefect's local server is up ({time.perf_counter() - start:.1f} s)")
 
 
 class _Progress:
@@ -259,6 +254,10 @@ def _run_training(args, mode: str) -> int:
     from nbody_dt.tasks import runtime
 
     console = _console()
+    if mode == "create":
+        from nbody_dt.config import load
+
+        load(args.config, args.set)  # a bad config is refused at once, before Prefect's server starts
     run_url = (args.run_dir or default_run_url()) if mode == "create" else args.run
     progress = None if args.json else _Progress(console)
     _start_prefect(console)

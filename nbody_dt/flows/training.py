@@ -28,6 +28,7 @@ from nbody_dt.storage.integrity import check_run, rollback
 from nbody_dt.storage.run import stage_key
 from nbody_dt.tasks import runtime, stages
 from nbody_dt.training.dask_evaluator import make_evaluator
+from nbody_dt.training.evaluators import Evaluator
 
 STAGE_TASKS = {"collect": stages.collect, "persist": stages.persist, "replay": stages.replay,
                "epoch": stages.finish_epoch}
@@ -67,9 +68,10 @@ def _remaining(run: Run, point: tuple[int, str] | None, epochs: int) -> list[tup
 
 
 def open_run(run_url: str, config: Config | None, config_path: str | None, overrides: list[str] | None,
-             mode: Mode, break_lock: BreakLock, from_epoch: int | None = None) -> tuple[Run, Config]:
-    """The run, opened once for writing and checked (integrity.check_run), and the config it runs
-    with, adopted by the run but not stored yet (save_config).
+             mode: Mode, break_lock: BreakLock, from_epoch: int | None = None) -> tuple[Run, Config, Evaluator]:
+    """The run, opened once for writing and checked (integrity.check_run), the config it runs
+    with (adopted by the run, not stored yet: save_config) and its evaluator, reached (e.g. a
+    remote Dask scheduler) before a new run is created or an existing run's config changes.
 
     mode 'create': a new run; 'resume': an existing one; 'auto': whichever applies. On an existing
     run, no config and no config_path mean its stored config (plus overrides). `from_epoch`
@@ -92,12 +94,17 @@ def open_run(run_url: str, config: Config | None, config_path: str | None, overr
                 elif from_epoch:
                     rollback(run, from_epoch)
                 check_run(run, deep=True)
+                return run, cfg, make_evaluator(cfg)
             except BaseException:
                 run.close()
                 raise
-            return run, cfg
     cfg = resolve_config(config, config_path, overrides)
-    return Run.create(run_url, cfg), cfg
+    evaluator = make_evaluator(cfg)
+    try:
+        return Run.create(run_url, cfg), cfg, evaluator
+    except BaseException:
+        evaluator.close()
+        raise
 
 
 @flow(name="nbody-dt-train", log_prints=True, validate_parameters=True)
@@ -116,16 +123,13 @@ def train(run_url: str = "", config: Config | None = None, config_path: str | No
     storage is damaged; a damaged run is otherwise refused, never repaired).
     """
     start = time.perf_counter()
-    run, cfg = open_run(run_url or default_run_url(), config, config_path, overrides, mode, break_lock, from_epoch)
-    evaluator = None
+    run, cfg, evaluator = open_run(run_url or default_run_url(), config, config_path, overrides, mode, break_lock,
+                                   from_epoch)
     try:
-        # Reach the evaluator (e.g. a remote Dask scheduler) before the run's config changes.
-        evaluator = make_evaluator(cfg)
         run.save_config()
     except BaseException:
         run.close()
-        if evaluator is not None:
-            evaluator.close()
+        evaluator.close()
         raise
     stage = (None, None)
     try:
