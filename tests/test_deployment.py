@@ -315,8 +315,14 @@ def _run_log(prefect: Prefect, flow_run_id: str) -> list[str]:
 
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+    logs, page = [], 200  # the API returns one page at a time
     with prefect.client() as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_id)])))
+        while True:
+            batch = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_id)])),
+                                     limit=page, offset=len(logs))
+            logs += batch
+            if len(batch) < page:
+                break
     return [f"{log.level} {log.message}" for log in logs]
 
 
@@ -367,10 +373,15 @@ def test_deployment_run_completes_and_fills_storage(prefect, triggered):
     flow_run = prefect.wait(flow_run_id, "COMPLETED")
     assert flow_run.parameters["run_url"] == url
     # One line per finished stage reaches the run's logs on the server (the Prefect UI).
-    lines = _run_log(prefect, flow_run_id)
-    for epoch in (1, 2):
-        for stage in ("collect", "persist", "replay", "epoch"):
-            assert any(f"epoch {epoch}/2 {stage}: " in line for line in lines), (epoch, stage, lines)
+    wanted = [f"epoch {epoch}/2 {stage}: " for epoch in (1, 2) for stage in ("collect", "persist", "replay", "epoch")]
+    deadline = time.monotonic() + 60  # the worker ships its log records in batches, after the run ends too
+    while True:
+        lines = _run_log(prefect, flow_run_id)
+        missing = [w for w in wanted if not any(w in line for line in lines)]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not missing, (missing, lines[-20:])
 
     stages = {(e, s) for e in (0, 1) for s in ("collect", "persist", "replay", "epoch")}
     with Run.open(url, write=False) as run:
