@@ -66,8 +66,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--m2", type=_positive("--m2"), default=1.0, help="Kepler secondary mass (default 1)")
     p.add_argument("--start", choices=("apocentre", "pericentre"), default="apocentre",
                    help="where the Kepler orbit starts (default apocentre)")
-    p.add_argument("--n", type=_bodies, default=16, help="Plummer bodies (default 16)")
-    p.add_argument("--seed", type=int, default=1, help="Plummer seed (default 1)")
+    p.add_argument("--n", type=_bodies, default=16, help="Plummer / hierarchical bodies (default 16)")
+    p.add_argument("--seed", type=int, default=1, help="Plummer / hierarchical seed (default 1)")
     p.add_argument("--softening", type=_nonnegative, default=0.0,
                    help="Plummer softening length of the gravity (default 0: none)")
     p.add_argument("--G", type=_positive("--G"), default=1.0, help="gravitational constant (default 1)")
@@ -99,6 +99,10 @@ def cmd_simulate(args) -> int:
     model = criteria = None
     if args.policy == "learned":
         model, criteria, _ = load_learned(args.checkpoint)
+        try:
+            model.check_takes(problem.state)
+        except ValueError as exc:
+            raise UsageError(f"simulate: --checkpoint {args.checkpoint}: {exc}") from None
     policy = make_policy(args.policy, problem, args.threshold, dt=args.dt, eta=args.eta, safety=args.safety,
                          model=model, criteria=criteria)
     result = run_problem(problem, policy, args.threshold, record=bool(args.plot))

@@ -63,10 +63,14 @@ class PhysicsConfig(Section):
     dim: Literal[2, 3] = opt(2, "spatial dimensions")
 
 
+Family = Literal["kepler", "hierarchical", "figure8", "free_fall", "plummer"]
+
+
 class InitialConditionsConfig(Section):
-    kind: Literal["kepler", "plummer", "three_body", "figure8", "pythagorean"] = opt(
+    kind: Literal["kepler", "plummer", "three_body", "figure8", "pythagorean", "mixture"] = opt(
         "kepler", "training systems: Kepler ensemble, Plummer spheres, free-fall three-body ensemble, figure-eight, "
-                  "Pythagorean")
+                  "Pythagorean, or a mixture of families and N (the families/family_* keys; needs model.kind = "
+                  "'set')")
     num_orbits: Int = opt(64, "independent systems advanced together as one batch", ge=1, le=1_000_000)
     e_range: _pair(0.0, 0.999) = opt((0.0, 0.99), "Kepler eccentricity range [lo, hi], uniform")
     a_range: _pair(1e-6, 1e6) = opt((0.5, 2.0), "Kepler semi-major axis range [lo, hi], log-uniform")
@@ -75,14 +79,36 @@ class InitialConditionsConfig(Section):
     mass_range: _pair(1e-6, 1e6) = opt((1.0, 5.0), "three_body masses [lo, hi], uniform")
     start: Literal["apocentre", "pericentre"] = opt("apocentre", "where Kepler orbits start")
     n_bodies: Int = opt(16, "bodies per Plummer sphere", ge=2, le=4096)
+    families: tuple[Family, ...] = opt(
+        ("kepler", "hierarchical", "hierarchical", "figure8", "free_fall", "plummer"),
+        "mixture: one family per entry: kepler (N = 2, e and a stratified over e_range and a_range), hierarchical "
+        "(inner binary + outer companions), figure8 (perturbed figure-eights, N = 3), free_fall (cold collapses, "
+        "masses in mass_range), plummer (virialized spheres, dim = 3)", min_length=1)
+    family_n: tuple[Annotated[int, Interval(ge=2, le=4096), BeforeValidator(_number)], ...] = opt(
+        (2, 3, 4, 3, 3, 16), "mixture: bodies of each entry's systems", min_length=1)
+    family_weights: tuple[Annotated[float, Interval(gt=0, le=1e6), BeforeValidator(_number)], ...] = opt(
+        (0.3, 0.15, 0.1, 0.1, 0.15, 0.2), "mixture: share of num_orbits of each entry (normalized; at least one "
+                                          "system each)", min_length=1)
+    family_scale: tuple[Annotated[float, Interval(gt=1e-6, le=1e6), BeforeValidator(_number)], ...] = opt(
+        (100.0, 100.0, 100.0, 100.0, 100.0, 1.0), "mixture: length scale of each entry's systems (scale-free "
+        "orbits; a large scale makes physics.softening negligible for point-mass families while Plummer spheres "
+        "keep it)", min_length=1)
     seed: Int = opt(0, "seed of the initial conditions (a torch generator seed: 64 bits)", ge=0, le=2**64 - 1)
 
     _ranges_ordered = field_validator("e_range", "a_range", "mass_range")(_ordered_pair)
 
 
 class ModelConfig(Section):
+    kind: Literal["mlp", "set"] = opt(
+        "mlp", "dt network: 'mlp' (the flattened features of one fixed N) or 'set' (one encoder shared by every "
+               "pair, pooled permutation-invariantly: any N, mixed-N batches)")
     hidden: tuple[Annotated[int, Interval(ge=1, le=65536), BeforeValidator(_number)], ...] = opt(
-        (64, 64, 64), "hidden layer widths of the dt MLP", min_length=1)
+        (64, 64, 64), "hidden layer widths of the dt MLP (set: of the shared pair encoder; its head has one hidden "
+                      "layer of the last width)", min_length=1)
+    pairs: Literal["all", "per_body", "system"] = opt(
+        "all", "set: pairs encoded: all N(N-1)/2, the pair_k tightest (smallest free-fall time) of each body, or "
+               "the pair_k tightest of the system")
+    pair_k: Int = opt(8, "set: k of model.pairs = 'per_body' or 'system'", ge=1, le=1_000_000)
     activation: Literal["relu", "tanh", "silu", "gelu", "softplus"] = opt("silu", "hidden activation")
     features: Literal["basic", "rich", "delta_mag"] = opt(
         "rich", "input features: basic (normalized coordinates), rich (scale-free pair features), delta_mag (rich + "
@@ -202,6 +228,12 @@ class Config(Section):
             raise ValueError("physics.dim: Plummer spheres need dim = 3")
         if ic.kind in ("figure8", "pythagorean") and ic.num_orbits != 1:
             raise ValueError(f"initial_conditions.num_orbits: {ic.kind!r} is a single system, set it to 1")
+        if self.model.kind == "set" and self.model.history_len:
+            raise ValueError("model.history_len: the set network takes no history (set it to 0)")
+        if self.model.kind == "set" and self.model.output != "log_freefall":
+            raise ValueError("model.output: the set network predicts log(dt / t_ff); set it to 'log_freefall'")
+        if ic.kind == "mixture":
+            _check_mixture(self)
         if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError("device: expected 'cpu', 'cuda', 'cuda:N' (N a device number) or 'mps', "
                              f"got {self.device!r}")
@@ -214,6 +246,26 @@ class Config(Section):
     def to_dict(self) -> dict:
         """The plain nested dict (lists, not tuples) stored in run.json and checkpoints."""
         return self.model_dump(mode="json")
+
+
+def _check_mixture(cfg: Config) -> None:
+    """A mixture needs the set network, one entry in every family_* list, and each family's own N and dim."""
+    ic = cfg.initial_conditions
+    if cfg.model.kind != "set":
+        raise ValueError("initial_conditions.kind: a 'mixture' of N needs model.kind = 'set' (the MLP takes one N)")
+    lengths = (len(ic.families), len(ic.family_n), len(ic.family_weights), len(ic.family_scale))
+    if len(set(lengths)) != 1:
+        raise ValueError("initial_conditions.families: families, family_n, family_weights and family_scale must "
+                         "have one entry each, got lengths {}, {}, {}, {}".format(*lengths))
+    if ic.num_orbits < len(ic.families):
+        raise ValueError(f"initial_conditions.num_orbits: {ic.num_orbits} is fewer than the {len(ic.families)} "
+                         "mixture entries (one system each at least)")
+    for k, (family, n) in enumerate(zip(ic.families, ic.family_n)):
+        need = {"kepler": 2, "figure8": 3}.get(family)
+        if need is not None and n != need:
+            raise ValueError(f"initial_conditions.family_n[{k}]: family {family!r} has N = {need}, got {n}")
+        if family == "plummer" and cfg.physics.dim != 3:
+            raise ValueError(f"initial_conditions.families[{k}]: 'plummer' needs physics.dim = 3")
 
 
 def _schema() -> dict:

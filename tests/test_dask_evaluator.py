@@ -359,3 +359,26 @@ def test_module_imports_neither_prefect_nor_storage():
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not any(n.split(".")[0] == "prefect" or n.startswith(("nbody_dt.storage", "nbody_dt.tasks",
                                                                    "nbody_dt.flows")) for n in names), names
+
+
+def test_mixed_n_set_network_shards_equal_local(cluster):
+    """A set network on a padded mixed-N window (N = 2, 3 and 5): Dask shards give the local gradients."""
+    mixed = small_config(
+        model={"kind": "set", "hidden": [8, 8]}, physics={"dim": 3, "softening": 0.01},
+        initial_conditions={"kind": "mixture", "num_orbits": 6, "families": ["kepler", "free_fall", "plummer"],
+                            "family_n": [2, 3, 5], "family_weights": [1.0, 1.0, 1.0],
+                            "family_scale": [100.0, 100.0, 1.0]},
+        collect={"steps_per_epoch": 4, "energy_threshold": 1e-3, "accept_lower": 1e-5, "accept_safe_after": 20},
+        replay={"steps": 2, "batch_size": 32})
+    training = start_training(mixed)
+    run = MemoryRun(mixed.initial_conditions.num_orbits, 0)
+    train_epoch(training, run, mixed, 0)
+    window = run.window(mixed, 0)
+    mb = sample_minibatch(window, 32, torch.Generator().manual_seed(5))
+    assert sorted(set((mb.state.mass != 0).sum(-1).tolist())) == [2, 3, 5]
+    criteria = StepCriteria.from_config(mixed)
+    local = LocalEvaluator.from_config(mixed).evaluate(training.model, mb, criteria, "all")
+    with DaskEvaluator(mixed, cluster.scheduler_address) as ev:
+        dask = ev.evaluate(training.model, mb, criteria, "all")
+    assert 0 < int(local.passed.sum()) < len(mb)
+    assert_same_result(local, dask)

@@ -23,7 +23,8 @@ def main() -> None:
     torch.set_num_threads(1)
     model, _, cfg = B.load_checkpoint(sys.argv[1])
     tol = cfg.collect.energy_threshold
-    for hs in B.held_out_sets(cfg, initial_states(cfg).num_bodies, quick="--quick" in sys.argv):
+    n_bodies = None if cfg.model.kind == "set" else initial_states(cfg).num_bodies
+    for hs in B.held_out_sets(cfg, n_bodies, quick="--quick" in sys.argv):
         lrs = []
         for p in hs.problems:
             s, t, pos, vel, dts = p.state, 0.0, [], [], []

@@ -13,8 +13,11 @@ systems with four policies and prints one table:
 - freefall:   dt = eta * min pair free-fall time, eta tuned per set by this script to the largest
               value (to 2 %) with no step over the tolerance on any system of the set.
 
-Held-out sets depend on the model's number of bodies N (the network has a fixed input size);
-every set uses the model's G, softening and dim (configs/plummer16.toml: softening 0.01):
+Held-out sets depend on the model's number of bodies N (an MLP has a fixed input size; every set
+then uses the model's G, softening and dim, configs/plummer16.toml: softening 0.01). A set network
+(model.kind = 'set', any N) runs every set below, the Kepler and N = 3 sets in 2-D without
+softening, Plummer spheres of N = 16, 32 and 64 with softening 0.01, and 5 hierarchical systems
+of N = 6 (3-D, no softening, t = 0..50); N >= 32: 5 spheres over t = 0..0.5:
 
 - N = 2:  Kepler e = 0.5, 0.9, 0.99 (a = 1, equal masses, from apocentre) over 10 periods;
           'kepler in-range': 10 orbits sampled from the training ranges with a held-out seed;
@@ -91,8 +94,10 @@ def _kepler(e: float, a: float, m1: float, m2: float, start: str, periods: float
                         dim=dim)
 
 
-def kepler_sets(cfg: Config, quick: bool) -> list[HeldOutSet]:
-    ic, dim, G, eps = cfg.initial_conditions, cfg.physics.dim, cfg.physics.G, cfg.physics.softening
+def kepler_sets(cfg: Config, quick: bool, softening: float | None = None, dim: int | None = None) -> list[HeldOutSet]:
+    ic, G = cfg.initial_conditions, cfg.physics.G
+    dim = cfg.physics.dim if dim is None else dim
+    eps = cfg.physics.softening if softening is None else softening
     periods, ens_periods, n_ens = (2.0, 1.0, 5) if quick else (10.0, 2.0, 10)
     sets = []
     for e in (0.5, 0.9, 0.99):
@@ -140,8 +145,11 @@ def _perturbed_figure_eight(dim: int, scale: float, gen: torch.Generator) -> Sta
     return State(pos, vel, s.mass)
 
 
-def three_body_sets(cfg: Config, quick: bool) -> list[HeldOutSet]:
-    dim, G, eps = cfg.physics.dim, cfg.physics.G, cfg.physics.softening
+def three_body_sets(cfg: Config, quick: bool, softening: float | None = None,
+                    dim: int | None = None) -> list[HeldOutSet]:
+    G = cfg.physics.G
+    dim = cfg.physics.dim if dim is None else dim
+    eps = cfg.physics.softening if softening is None else softening
     g = Gravity(G, eps)
     f8_periods, pyth_t, n_ens = (1.0, 3.0, 5) if quick else (5.0, 10.0, 10)
     sets = [
@@ -157,15 +165,47 @@ def three_body_sets(cfg: Config, quick: bool) -> list[HeldOutSet]:
     return sets
 
 
-def plummer_sets(cfg: Config, n_bodies: int, quick: bool) -> list[HeldOutSet]:
-    G, eps = cfg.physics.G, cfg.physics.softening
-    n_ens, t_end = (5, 0.25) if quick else (10, 1.0)
+def plummer_sets(cfg: Config, n_bodies: int, quick: bool, softening: float | None = None) -> list[HeldOutSet]:
+    """Held-out Plummer spheres: 10 over t = 0..1 (quick: 5 over 0..0.25); from N = 32 on, where the
+    oracle's search costs ~1 s a step, 5 over t = 0..0.5."""
+    G = cfg.physics.G
+    eps = cfg.physics.softening if softening is None else softening
+    n_ens, t_end = (5, 0.25) if quick else (10, 1.0) if n_bodies < 32 else (5, 0.5)
     seeds = [HELD_OUT_SEED + k for k in range(n_ens)]
     problems = [make_problem("plummer", n=n_bodies, seed=s, t_end=t_end, G=G, softening=eps, dim=3) for s in seeds]
     return [HeldOutSet(f"plummer N={n_bodies}", problems, [f"seed={s}" for s in seeds])]
 
 
-def held_out_sets(cfg: Config, n_bodies: int, quick: bool) -> list[HeldOutSet]:
+GENERAL_PLUMMER_SOFTENING = 0.01
+"""Softening of the general suite's Plummer spheres (as configs/plummer16.toml); the point-mass
+sets (Kepler, N = 3, hierarchical) have none."""
+HIERARCHICAL_N = 6
+
+
+def hierarchical_sets(cfg: Config, n_bodies: int, quick: bool) -> list[HeldOutSet]:
+    """Held-out hierarchical systems: an inner binary (a = 1) with n - 2 outer companions, t = 0..50
+    (about eight inner periods), 3-D, no softening."""
+    n_ens, t_end = (3, 10.0) if quick else (5, 50.0)
+    seeds = [HELD_OUT_SEED + k for k in range(n_ens)]
+    problems = [make_problem("hierarchical", n=n_bodies, seed=s, t_end=t_end, G=cfg.physics.G, softening=0.0, dim=3)
+                for s in seeds]
+    return [HeldOutSet(f"hierarchical N={n_bodies}", problems, [f"seed={s}" for s in seeds])]
+
+
+def general_sets(cfg: Config, quick: bool) -> list[HeldOutSet]:
+    """Every held-out set, for a set network (any N): the Kepler sets and the N = 3 sets (2-D, no
+    softening), Plummer spheres of 16, 32 and 64 bodies (softening 0.01) and a hierarchical
+    system of HIERARCHICAL_N bodies. N = 32, 64 and 6 are never trained on by configs/general.toml."""
+    sets = kepler_sets(cfg, quick, softening=0.0, dim=2) + three_body_sets(cfg, quick, softening=0.0, dim=2)
+    for n in (16, 32, 64):
+        sets += plummer_sets(cfg, n, quick, softening=GENERAL_PLUMMER_SOFTENING)
+    return sets + hierarchical_sets(cfg, HIERARCHICAL_N, quick)
+
+
+def held_out_sets(cfg: Config, n_bodies: int | None, quick: bool) -> list[HeldOutSet]:
+    """The sets of a fixed-N model's N, or (n_bodies None: a set network) every set."""
+    if n_bodies is None:
+        return general_sets(cfg, quick)
     if n_bodies == 2:
         return kepler_sets(cfg, quick)
     if n_bodies == 3:
@@ -235,10 +275,21 @@ def tune_freefall_eta(problems: list[Problem], threshold: float, start: float = 
 
 
 def run_set(hs: HeldOutSet, threshold: float, model: DtNetwork, criteria: StepCriteria,
-            policies: tuple[str, ...], log=print) -> dict:
-    """Per policy: per-system summaries and the set's aggregate figures."""
+            policies: tuple[str, ...], log=print, baseline: dict | None = None) -> dict:
+    """Per policy: per-system summaries and the set's aggregate figures. `baseline`: this set's entry
+    of an earlier --json output (same sets, same threshold), whose model-free policies (all but
+    'learned') are reused instead of rerun."""
     out: dict = {"set": hs.name, "systems": hs.labels, "policies": {}}
-    eta = None
+    if baseline is not None:
+        if baseline["systems"] != hs.labels:
+            raise SystemExit(f"--baseline: set {hs.name!r} holds other systems than this run's")
+        for name in policies:
+            if name != "learned" and name in baseline["policies"]:
+                out["policies"][name] = {"runs": baseline["policies"][name]["runs"]}
+        if "freefall_eta" in baseline:
+            out["freefall_eta"] = baseline["freefall_eta"]
+    eta = out.get("freefall_eta")
+    policies = tuple(p for p in policies if p not in out["policies"])
     if "freefall" in policies:
         t0 = time.perf_counter()
         eta = tune_freefall_eta(hs.problems, threshold)
@@ -251,6 +302,13 @@ def run_set(hs: HeldOutSet, threshold: float, model: DtNetwork, criteria: StepCr
             runs.append(run_problem(p, policy, threshold, record=False).summary())
         out["policies"][name] = {"runs": runs}
         log(f"  {hs.name:<22} {name:<10} done ({sum(r['wall_s'] for r in runs):.1f} s)")
+    return summarize(out)
+
+
+def summarize(out: dict) -> dict:
+    """A set's aggregate figures per policy from its per-system runs (policies in POLICIES order)."""
+    order = [p for p in POLICIES if p in out["policies"]]
+    out["policies"] = {name: out["policies"][name] for name in order}
     oracle = out["policies"].get("oracle")
     for name, entry in out["policies"].items():
         runs = entry["runs"]
@@ -288,7 +346,10 @@ def format_table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="a checkpoint file or a run URL (its newest checkpoint)")
+    ap.add_argument("--checkpoint", help="a checkpoint file or a run URL (its newest checkpoint)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="no simulation: merge the policies of earlier --json "
+                    "outputs of the same sets (e.g. a learned-only run and a --policies oracle,controller,freefall "
+                    "run) and print the table")
     ap.add_argument("--quick", action="store_true", help="short horizons and 5-system ensembles (about 2 min)")
     ap.add_argument("--json", help="write every figure (per system too) to this JSON file")
     ap.add_argument("--threshold", type=float, help="per-step |dE/E| tolerance (default: the model's "
@@ -296,30 +357,73 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
     ap.add_argument("--sets", help="comma-separated substrings: only sets whose name contains one of them")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--pairs", choices=("all", "per_body", "system"), help="set network: override the pairs it "
+                    "encodes (model.pairs) at inference, e.g. to measure what per_body or system selection costs")
+    ap.add_argument("--pair-k", type=int, help="set network: override model.pair_k at inference")
+    ap.add_argument("--baseline", help="an earlier --json output of the same sets and threshold: reuse its "
+                    "oracle, controller and freefall runs (they do not depend on the model) and run only 'learned'")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
+    if not args.checkpoint:
+        ap.error("--checkpoint is required (or --merge)")
     torch.set_num_threads(args.threads)
     policies = tuple(p for p in args.policies.split(",") if p)
     unknown = set(policies) - set(POLICIES)
     if unknown:
         ap.error(f"unknown policies {sorted(unknown)}")
     model, criteria, cfg = load_checkpoint(args.checkpoint)
+    if args.pairs or args.pair_k:
+        if cfg.model.kind != "set":
+            ap.error("--pairs / --pair-k: only for a set network (model.kind = 'set')")
+        model.pairs = args.pairs or model.pairs
+        model.pair_k = args.pair_k or model.pair_k
     threshold = args.threshold or cfg.collect.energy_threshold
-    n_bodies = initial_states(cfg).num_bodies
+    n_bodies = None if cfg.model.kind == "set" else initial_states(cfg).num_bodies
     sets = held_out_sets(cfg, n_bodies, args.quick)
     if args.sets:
         keys = args.sets.split(",")
         sets = [s for s in sets if any(k in s.name for k in keys)]
-    print(f"checkpoint {args.checkpoint}: N={n_bodies}, dim={cfg.physics.dim}, tolerance {threshold:g}, "
-          f"{'quick' if args.quick else 'full'} sets", flush=True)
+    pairs = f", pairs {model.pairs} k={model.pair_k}" if cfg.model.kind == "set" else ""
+    print(f"checkpoint {args.checkpoint}: N={n_bodies or 'any'}{pairs}, dim={cfg.physics.dim}, "
+          f"tolerance {threshold:g}, {'quick' if args.quick else 'full'} sets", flush=True)
+    base: dict = {}
+    if args.baseline:
+        prior = json.loads(Path(args.baseline).read_text())
+        if prior["threshold"] != threshold or prior["quick"] != args.quick:
+            raise SystemExit(f"--baseline {args.baseline}: other threshold or --quick setting than this run")
+        base = {entry["set"]: entry for entry in prior["sets"]}
     t0 = time.perf_counter()
-    results = [run_set(s, threshold, model, criteria, policies, log=lambda m: print(m, file=sys.stderr, flush=True))
-               for s in sets]
+    results = [run_set(s, threshold, model, criteria, policies, log=lambda m: print(m, file=sys.stderr, flush=True),
+                       baseline=base.get(s.name)) for s in sets]
     total = time.perf_counter() - t0
     print(format_table(results))
     print(f"total {total:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "threshold": threshold,
                                                "quick": args.quick, "total_s": total, "sets": results}, indent=1))
+    return 0
+
+
+def merge(paths: list[str], json_out: str | None) -> int:
+    """Print (and optionally write) the table of several --json outputs' policies, set by set."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    if len({(d["threshold"], d["quick"]) for d in docs}) != 1:
+        raise SystemExit("--merge: the outputs differ in threshold or --quick")
+    merged: dict[str, dict] = {}
+    for d in docs:
+        for entry in d["sets"]:
+            into = merged.setdefault(entry["set"], {"set": entry["set"], "systems": entry["systems"], "policies": {}})
+            if into["systems"] != entry["systems"]:
+                raise SystemExit(f"--merge: set {entry['set']!r} holds other systems in {d.get('checkpoint')}")
+            into["policies"].update({k: {"runs": v["runs"]} for k, v in entry["policies"].items()})
+            if "freefall_eta" in entry:
+                into["freefall_eta"] = entry["freefall_eta"]
+    results = [summarize(r) for r in merged.values()]
+    print(format_table(results))
+    if json_out:
+        Path(json_out).write_text(json.dumps({"merged": paths, "threshold": docs[0]["threshold"],
+                                              "quick": docs[0]["quick"], "sets": results}, indent=1))
     return 0
 
 

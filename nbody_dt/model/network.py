@@ -44,7 +44,7 @@ class DtNetwork(nn.Module):
     ):
         super().__init__()
         self.features, self.output, self.gravity = features, output, gravity
-        self.history_len, self.dt_floor = history_len, dt_floor
+        self.history_len, self.dt_floor, self.num_bodies = history_len, dt_floor, num_bodies
         n_in = feature_dim(features, num_bodies, dim, history_len)
         self.register_buffer("scales", torch.ones(4, dtype=dtype))
         self.register_buffer("fourier", torch.randn(fourier_features, n_in, dtype=dtype) * fourier_sigma)
@@ -72,6 +72,12 @@ class DtNetwork(nn.Module):
             fourier_features=m.fourier_features, fourier_sigma=m.fourier_sigma, dtype=cfg.torch_dtype,
         )
 
+    def check_takes(self, state: State) -> None:
+        """ValueError (one line) unless the network can take these systems: its input size fixes N."""
+        if state.num_bodies != self.num_bodies:
+            raise ValueError(f"this dt network (model.kind = 'mlp') takes systems of N = {self.num_bodies} bodies, "
+                             f"got N = {state.num_bodies}; a set network (model.kind = 'set') takes any N")
+
     def set_scales(self, state: State) -> None:
         """Derive and store the normalization scales from the initial training states (once)."""
         with torch.no_grad():
@@ -79,6 +85,7 @@ class DtNetwork(nn.Module):
 
     def log_dt(self, state: State, history: History) -> torch.Tensor:
         """log of the predicted dt, shape (B,)."""
+        self.check_takes(state)
         x, t_ff = compute_features(self.features, state, history, self.gravity, self.scales)
         if self.fourier.shape[0]:
             proj = 2 * math.pi * x @ self.fourier.T

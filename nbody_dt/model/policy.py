@@ -49,7 +49,10 @@ def make_policy(name: str, problem: Problem, threshold: float, *, dt: float | No
         return Oracle(threshold, g)
     if name == "learned":
         # The network keeps the features and normalization it was trained with; the step
-        # itself uses this problem's gravity and threshold.
+        # itself uses this problem's gravity and threshold. A set network reads its scale-free
+        # pair features under this problem's softening.
+        if hasattr(model, "for_gravity"):
+            model = model.for_gravity(g)
         return LearnedPolicy(model, replace(criteria, gravity=g, energy_threshold=threshold, accept_lower=0.0))
     raise ValueError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
 

@@ -1,7 +1,14 @@
-"""Newtonian gravity with optional Plummer softening, vectorized over the batch."""
+"""Newtonian gravity with optional Plummer softening, vectorized over the batch.
+
+A body of zero mass is padding: systems of different N share a batch as (B, N_max, D) with the
+missing bodies at mass 0. Padding exerts and feels no force and adds no energy, and no inf or
+NaN is ever formed for it (padded bodies may coincide), so a padded system evolves exactly as
+the same system without its padding.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,21 +24,24 @@ class Gravity:
     softening: float = 0.0
 
 
-def _pair_geometry(position: torch.Tensor, softening: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Separations dx[b,i,j] = x_j - x_i, softened r^2 and the off-diagonal mask."""
+def _pair_geometry(position: torch.Tensor, mass: torch.Tensor,
+                   softening: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Separations dx[b,i,j] = x_j - x_i, softened r^2 and the mask of real pairs (i != j, both
+    bodies present, i.e. of non-zero mass)."""
     n = position.shape[1]
     dx = position[:, None, :, :] - position[:, :, None, :]
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=position.device)
+    present = mass != 0
+    real = ~torch.eye(n, dtype=torch.bool, device=position.device) & present[:, :, None] & present[:, None, :]
     r2 = (dx * dx).sum(-1) + softening * softening
-    # The diagonal is replaced by 1 so that no inf/NaN is ever formed (gradients stay finite).
-    r2 = torch.where(off_diagonal, r2, torch.ones_like(r2))
-    return dx, r2, off_diagonal
+    # The diagonal and padding are replaced by 1 so that no inf/NaN is ever formed (gradients stay finite).
+    r2 = torch.where(real, r2, torch.ones_like(r2))
+    return dx, r2, real
 
 
 def accelerations(position: torch.Tensor, mass: torch.Tensor, gravity: Gravity) -> torch.Tensor:
     """a_i = G sum_j m_j (x_j - x_i) / (|x_j - x_i|^2 + eps^2)^(3/2); shape (B, N, D)."""
-    dx, r2, off_diagonal = _pair_geometry(position, gravity.softening)
-    weight = torch.where(off_diagonal, mass[:, None, :] * r2.pow(-1.5), torch.zeros_like(r2))
+    dx, r2, real = _pair_geometry(position, mass, gravity.softening)
+    weight = torch.where(real, mass[:, None, :] * r2.pow(-1.5), torch.zeros_like(r2))
     return gravity.G * (weight[..., None] * dx).sum(2)
 
 
@@ -41,9 +51,9 @@ def kinetic_energy(state: State) -> torch.Tensor:
 
 def potential_energy(state: State, gravity: Gravity) -> torch.Tensor:
     """-G sum_{i<j} m_i m_j / sqrt(r_ij^2 + eps^2); shape (B,)."""
-    _, r2, off_diagonal = _pair_geometry(state.position, gravity.softening)
+    _, r2, real = _pair_geometry(state.position, state.mass, gravity.softening)
     mm = state.mass[:, :, None] * state.mass[:, None, :]
-    pair = torch.where(off_diagonal, mm * r2.rsqrt(), torch.zeros_like(r2))
+    pair = torch.where(real, mm * r2.rsqrt(), torch.zeros_like(r2))
     return -0.5 * gravity.G * pair.sum((-1, -2))
 
 
@@ -53,13 +63,16 @@ def total_energy(state: State, gravity: Gravity) -> torch.Tensor:
 
 
 def pair_freefall_times(state: State, gravity: Gravity) -> torch.Tensor:
-    """sqrt(r_ij^3 / (G (m_i + m_j))) for every pair i < j, shape (B, N(N-1)/2), unsoftened."""
+    """sqrt(r_ij^3 / (G (m_i + m_j))) for every pair i < j, shape (B, N(N-1)/2), unsoftened;
+    +inf for a pair with a padded (zero-mass) body."""
     n = state.num_bodies
     i, j = torch.triu_indices(n, n, offset=1, device=state.device)
     dx = state.position[:, j] - state.position[:, i]
     r = dx.norm(dim=-1)
     m = state.mass[:, i] + state.mass[:, j]
-    return torch.sqrt(r.pow(3) / (gravity.G * m))
+    t = torch.sqrt(r.pow(3) / (gravity.G * m))
+    real = (state.mass[:, i] != 0) & (state.mass[:, j] != 0)
+    return torch.where(real, t, torch.full_like(t, math.inf))
 
 
 def min_freefall_time(state: State, gravity: Gravity) -> torch.Tensor:

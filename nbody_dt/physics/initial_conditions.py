@@ -198,3 +198,96 @@ def free_fall_three_body(
     mass = mass_range[0] + (mass_range[1] - mass_range[0]) * torch.rand(num, 3, generator=gen, dtype=dtype)
     state = _to_centre_of_mass(position, torch.zeros_like(position), mass)
     return State(_planar(state.position, dim), _planar(state.velocity, dim), state.mass)
+
+
+def free_fall(num: int, n: int, seed: int, mass_range: tuple[float, float] = (1.0, 5.0), dim: int = 2,
+              dtype: torch.dtype = torch.float64) -> State:
+    """Cold collapses of n bodies (the Pythagorean family at any n): at rest at random points of the
+    square [-2, 2]^2, masses uniform in mass_range, centre-of-mass frame."""
+    gen = torch.Generator().manual_seed(seed)
+    position = 4.0 * torch.rand(num, n, 2, generator=gen, dtype=dtype) - 2.0
+    mass = mass_range[0] + (mass_range[1] - mass_range[0]) * torch.rand(num, n, generator=gen, dtype=dtype)
+    state = _to_centre_of_mass(position, torch.zeros_like(position), mass)
+    return State(_planar(state.position, dim), _planar(state.velocity, dim), state.mass)
+
+
+def perturbed_figure_eights(num: int, seed: int, sigma_max: float = 0.1, dim: int = 2,
+                            dtype: torch.dtype = torch.float64) -> State:
+    """Figure-eights whose positions and velocities are perturbed by Gaussian noise of a standard
+    deviation uniform in [0, sigma_max] per system (0: the choreography itself), in the plane."""
+    gen = torch.Generator().manual_seed(seed)
+    base = figure_eight(2, dtype)
+    sigma = sigma_max * torch.rand(num, 1, 1, generator=gen, dtype=dtype)
+    position = base.position + sigma * torch.randn(num, 3, 2, generator=gen, dtype=dtype)
+    velocity = base.velocity + sigma * torch.randn(num, 3, 2, generator=gen, dtype=dtype)
+    state = _to_centre_of_mass(position, velocity, base.mass.expand(num, 3))
+    return State(_planar(state.position, dim), _planar(state.velocity, dim), state.mass)
+
+
+def hierarchical(num: int, n: int, seed: int, *, e_range: tuple[float, float] = (0.0, 0.9),
+                 ratio_range: tuple[float, float] = (4.0, 12.0), mass_range: tuple[float, float] = (0.2, 1.0),
+                 G: float = 1.0, dim: int = 2, dtype: torch.dtype = torch.float64) -> State:
+    """Hierarchical systems of n >= 2 bodies: an inner binary (a = 1, e uniform in e_range) and
+    n - 2 outer companions, each on a Kepler orbit around the centre of mass of everything inside it,
+    its semi-major axis ratio_range (log-uniform) times the previous one, e uniform in [0, e_hi / 2],
+    random orientation (a random tilt in 3-D) and start at apocentre or pericentre. Masses uniform
+    in mass_range."""
+    if n < 2:
+        raise ValueError(f"a hierarchical system needs n >= 2 bodies, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    mass = mass_range[0] + (mass_range[1] - mass_range[0]) * torch.rand(num, n, generator=gen, dtype=dtype)
+    position = torch.zeros(num, n, 3, dtype=dtype)
+    velocity = torch.zeros(num, n, 3, dtype=dtype)
+    a = torch.ones(num, dtype=dtype)
+    for k in range(1, n):
+        inner = mass[:, :k].sum(-1)
+        e_hi = e_range[1] if k == 1 else e_range[1] / 2
+        e = e_range[0] + (e_hi - e_range[0]) * torch.rand(num, generator=gen, dtype=dtype)
+        if k > 1:
+            log_r = torch.rand(num, generator=gen, dtype=dtype) * math.log(ratio_range[1] / ratio_range[0])
+            a = a * ratio_range[0] * torch.exp(log_r)
+        angle = 2 * math.pi * torch.rand(num, generator=gen, dtype=dtype)
+        peri = torch.rand(num, generator=gen) < 0.5
+        apo, _ = kepler_orbits(a, e, inner, mass[:, k], G=G, start="apocentre", angle=angle, dim=3, dtype=dtype)
+        per, _ = kepler_orbits(a, e, inner, mass[:, k], G=G, start="pericentre", angle=angle, dim=3, dtype=dtype)
+        orbit = per.where(peri, apo)
+        rel_x = orbit.position[:, 1] - orbit.position[:, 0]
+        rel_v = orbit.velocity[:, 1] - orbit.velocity[:, 0]
+        if dim == 3:  # tilt the new orbit about the x axis by up to 30 degrees
+            tilt = (math.pi / 6) * (2 * torch.rand(num, generator=gen, dtype=dtype) - 1)
+            c, s = torch.cos(tilt)[:, None], torch.sin(tilt)[:, None]
+
+            def rot(u: torch.Tensor) -> torch.Tensor:
+                return torch.cat([u[:, :1], c * u[:, 1:2] - s * u[:, 2:3], s * u[:, 1:2] + c * u[:, 2:3]], 1)
+
+            rel_x, rel_v = rot(rel_x), rot(rel_v)
+        f_in = (mass[:, k] / (inner + mass[:, k]))[:, None]
+        f_out = (inner / (inner + mass[:, k]))[:, None]
+        position[:, :k] -= f_in[:, None] * rel_x[:, None]
+        velocity[:, :k] -= f_in[:, None] * rel_v[:, None]
+        position[:, k] = f_out * rel_x
+        velocity[:, k] = f_out * rel_v
+    state = _to_centre_of_mass(position, velocity, mass)
+    return State(state.position[..., :dim], state.velocity[..., :dim], state.mass)
+
+
+def pad_bodies(states: list[State], n_max: int) -> State:
+    """One batch of systems of different N: each padded to n_max bodies with zero-mass bodies at the
+    origin (padding, which gravity ignores: nbody_dt.physics.gravity)."""
+    out = []
+    for s in states:
+        extra = n_max - s.num_bodies
+        if extra < 0:
+            raise ValueError(f"a system of {s.num_bodies} bodies does not fit a batch of N = {n_max}")
+        z = s.position.new_zeros(s.batch_size, extra, s.dim)
+        out.append(State(torch.cat([s.position, z], 1), torch.cat([s.velocity, z.clone()], 1),
+                         torch.cat([s.mass, s.mass.new_zeros(s.batch_size, extra)], 1)))
+    return State.cat(out)
+
+
+def scaled(state: State, length: float) -> State:
+    """The same systems with lengths times `length` (velocities / sqrt(length), masses kept): the
+    same orbits in scale-free terms, on a scale where a fixed softening no longer matters."""
+    if length == 1.0:
+        return state
+    return State(state.position * length, state.velocity / math.sqrt(length), state.mass)

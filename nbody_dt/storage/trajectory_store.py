@@ -4,6 +4,12 @@ Arrays: position, velocity (R, N, D); mass (R, N); dt, time, energy, rel_dE (R,)
 float dtype; orbit, step, epoch, prev (R,) int64; warmup (R,) bool. Blosc/zstd compressed,
 `chunk_rows` rows per chunk, no sharding (a shard is rewritten whole on every append).
 
+Systems of different N (a mixture of initial conditions) share the store: N is the run's largest
+N, and a row of a smaller system is padded with zero-mass bodies (position and velocity 0). The
+mass column is the mask: a row's body count is its number of non-zero masses, and gravity, the
+energy and the set network ignore padding (nbody_dt.physics.gravity), so a padded row replays
+exactly as the unpadded system. A fixed-N run has no padding; its layout is unchanged.
+
 Crash safety: an append resizes and writes every array first and then commits with one write
 of the group attributes (the commit marker): the committed row count, each orbit's last row
 (for the next prev links), and per committed epoch its row range and a digest of every column

@@ -44,6 +44,7 @@ from nbody_dt.errors import one_line
 from nbody_dt.model.evaluate import StepCriteria
 from nbody_dt.model.history import History
 from nbody_dt.model.network import DtNetwork
+from nbody_dt.model.set_network import build_network
 from nbody_dt.model.trajectory import Minibatch
 from nbody_dt.physics.state import State
 from nbody_dt.training.evaluators import (
@@ -111,7 +112,7 @@ def _cached_network(spec: dict) -> _CachedNetwork:
     if entry is None:
         cfg = from_dict(spec["config"])
         device = worker_device()
-        entry = _CachedNetwork(DtNetwork.from_config(cfg, spec["num_bodies"]).to(device), device)
+        entry = _CachedNetwork(build_network(cfg, spec["num_bodies"]).to(device), device)
         while len(_NETWORKS) >= _MAX_CACHED:
             _NETWORKS.pop(next(iter(_NETWORKS)))
         _NETWORKS[key] = entry

@@ -13,6 +13,7 @@ import torch
 from nbody_dt.config import Config
 from nbody_dt.model.history import History
 from nbody_dt.model.network import DtNetwork
+from nbody_dt.model.set_network import build_network
 from nbody_dt.physics import initial_conditions as ics
 from nbody_dt.physics.state import State
 from nbody_dt.training.collect import LiveCollection
@@ -31,7 +32,45 @@ def initial_states(cfg: Config) -> State:
         return ics.free_fall_three_body(ic.num_orbits, ic.seed, ic.mass_range, dim, dtype)
     if ic.kind == "figure8":
         return ics.figure_eight(dim, dtype)
+    if ic.kind == "mixture":
+        return mixture_states(cfg)
     return ics.pythagorean(dim, dtype)
+
+
+def mixture_counts(weights: list[float], total: int) -> list[int]:
+    """Systems per mixture entry: total split by weight (largest remainders), then at least one each
+    (taken from the largest entry)."""
+    w = np.asarray(weights, dtype=np.float64)
+    share = w / w.sum() * total
+    counts = np.floor(share).astype(np.int64)
+    counts[np.argsort(-(share - counts), kind="stable")[: total - int(counts.sum())]] += 1
+    while (counts == 0).any():
+        counts[int(np.argmax(counts))] -= 1
+        counts[int(np.argmin(counts))] += 1
+    return counts.tolist()
+
+
+def mixture_states(cfg: Config) -> State:
+    """The systems of an initial_conditions mixture, entry after entry, padded to the largest N
+    (zero-mass bodies). Entry k draws from seed initial_conditions.seed + 7919 k."""
+    ic, dtype, dim, G = cfg.initial_conditions, cfg.torch_dtype, cfg.physics.dim, cfg.physics.G
+    parts = []
+    counts = mixture_counts(ic.family_weights, ic.num_orbits)
+    for k, (family, n, count, scale) in enumerate(zip(ic.families, ic.family_n, counts, ic.family_scale)):
+        seed = ic.seed + 7919 * k
+        if family == "kepler":
+            s, _ = ics.kepler_ensemble(count, e_range=ic.e_range, a_range=ic.a_range, seed=seed, m1=ic.m1, m2=ic.m2,
+                                       G=G, start=ic.start, dim=dim, dtype=dtype)
+        elif family == "hierarchical":
+            s = ics.hierarchical(count, n, seed, G=G, dim=dim, dtype=dtype)
+        elif family == "figure8":
+            s = ics.perturbed_figure_eights(count, seed, dim=dim, dtype=dtype)
+        elif family == "free_fall":
+            s = ics.free_fall(count, n, seed, tuple(ic.mass_range), dim, dtype)
+        else:
+            s = ics.plummer_sphere(n, seed, count, dim, dtype)
+        parts.append(ics.scaled(s, scale))
+    return ics.pad_bodies(parts, max(ic.family_n))
 
 
 def make_optimizer(cfg: Config, model: DtNetwork) -> torch.optim.Optimizer:
@@ -71,7 +110,7 @@ def start_training(cfg: Config) -> Training:
     apply_compute_settings(cfg)
     seed_everything(cfg.seed)
     state = initial_states(cfg).to(device=cfg.device)
-    model = DtNetwork.from_config(cfg, state.num_bodies).to(cfg.device)
+    model = build_network(cfg, state.num_bodies).to(cfg.device)
     if cfg.model.normalization == "initial":
         model.set_scales(state)
     return Training(model, make_optimizer(cfg, model), LiveCollection.start(state, cfg.model.history_len))
@@ -105,7 +144,7 @@ def restore(payload: dict, cfg: Config) -> Training:
     apply_compute_settings(cfg)
     live_d = payload["live"]
     state = State(live_d["position"], live_d["velocity"], live_d["mass"]).to(device=cfg.device)
-    model = DtNetwork.from_config(cfg, state.num_bodies).to(cfg.device)
+    model = build_network(cfg, state.num_bodies).to(cfg.device)
     model.load_state_dict(payload["model"])
     optimizer = make_optimizer(cfg, model)
     optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))  # the payload stays untouched
@@ -124,6 +163,6 @@ def restore(payload: dict, cfg: Config) -> Training:
 
 def load_model(payload: dict, cfg: Config) -> DtNetwork:
     """Only the network of a checkpoint payload (for simulation), in eval mode."""
-    model = DtNetwork.from_config(cfg, payload["live"]["mass"].shape[1]).to(cfg.device)
+    model = build_network(cfg, payload["live"]["mass"].shape[1]).to(cfg.device)
     model.load_state_dict(payload["model"])
     return model.eval()

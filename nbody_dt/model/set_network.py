@@ -1,0 +1,219 @@
+"""The set dt network: one encoder shared by every pair, pooled permutation-invariantly, any N.
+
+Each selected pair (i, j) of a system is described by scale-free features that do not depend on
+N or on the order of the bodies (`pair_set_features`); a shared MLP encodes each pair, and two
+permutation-invariant pools summarize the set:
+
+- a softmin attention keyed by the pair's timescale, log(t_ff / t_min) times a learned
+  temperature, plus a learned score: the tightest pairs dominate;
+- a mean weighted by each pair's share of the binding energy |W|: a summary of the rest in which
+  a far, light body weighs nothing (the step's energy error is relative to |E|).
+
+A head maps the two pooled vectors to log(dt / t_min) as the MLP does (t_min: the smallest pair
+free-fall time), so the same weights run at any N. Padded bodies (zero mass) are masked out.
+Which pairs are encoded is configurable (model.pairs): all N(N-1)/2, the k tightest of each body
+(at most N k), or the k tightest of the system.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from nbody_dt.config import Config
+from nbody_dt.model.history import History
+from nbody_dt.model.network import LOG_DT_BOUND, DtNetwork
+from nbody_dt.physics.gravity import Gravity, accelerations, potential_energy
+from nbody_dt.physics.state import State
+
+PAIR_FEATURES = 9
+PAIR_SELECTIONS = ("all", "per_body", "system")
+_TINY = 1e-30
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU, "softplus": nn.Softplus}
+
+
+def _pair_index(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.triu_indices(n, n, offset=1, device=device).unbind(0)
+
+
+def _freefall(position: torch.Tensor, mass: torch.Tensor, gravity: Gravity, i: torch.Tensor,
+              j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsoftened pair free-fall times (B, P) (+inf for pairs with padding) and the real-pair mask."""
+    dx = position[:, j] - position[:, i]
+    r2 = (dx * dx).sum(-1)
+    t = torch.sqrt(r2 * r2.sqrt() / (gravity.G * (mass[:, i] + mass[:, j]))).clamp_min(_TINY)
+    real = (mass[:, i] != 0) & (mass[:, j] != 0)
+    return torch.where(real, t, torch.full_like(t, math.inf)), real
+
+
+def select_pairs(t_ff: torch.Tensor, n: int, how: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (B, K) into the N(N-1)/2 pair list of the pairs to encode and which of them count
+    (B, K): all, the k tightest of each body (their union: at most N k, the rest of the K slots
+    filled and not counted), or the k tightest of the system."""
+    b, p = t_ff.shape
+    if how == "all" or p <= k:
+        idx = torch.arange(p, device=t_ff.device).expand(b, p)
+        return idx, torch.ones_like(idx, dtype=torch.bool)
+    if how == "system":
+        idx = torch.topk(t_ff, k, dim=1, largest=False).indices
+        return idx, torch.ones_like(idx, dtype=torch.bool)
+    if how != "per_body":
+        raise ValueError(f"unknown pair selection {how!r} (expected one of {', '.join(PAIR_SELECTIONS)})")
+    i, j = _pair_index(n, t_ff.device)
+    full = t_ff.new_full((b, n, n), math.inf)
+    full[:, i, j] = t_ff
+    full[:, j, i] = t_ff
+    kk = min(k, n - 1)
+    nearest = torch.topk(full, kk, dim=2, largest=False).indices  # (B, N, k)
+    chosen = torch.zeros(b, n, n, dtype=torch.bool, device=t_ff.device)
+    chosen.scatter_(2, nearest, True)
+    chosen = chosen | chosen.transpose(1, 2)
+    picked = chosen[:, i, j]  # (B, P)
+    key = torch.where(picked, t_ff, t_ff + math.inf)  # chosen pairs first, in order of t_ff
+    idx = torch.topk(key, min(p, n * kk), dim=1, largest=False).indices
+    return idx, picked.gather(1, idx)
+
+
+def pair_set_features(state: State, gravity: Gravity, how: str = "all",
+                      k: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features (B, K, PAIR_FEATURES), mask (B, K) of real selected pairs, t_min (B,)).
+
+    Per pair, all scale-free: log(v^2 r / G m), log|1 - v^2 r / 2 G m| (log r / 2a when bound),
+    the radial cosine, log(t_ff / t_min), the pair's mass fraction m / M, the mass ratio
+    min/max, log1p(eps^2 / r^2), the tidal field of the other bodies on the pair, log(|a_ext| r^2 /
+    G m) with a_ext the relative acceleration less the pair's own, and log of the pair's share of
+    the binding energy, G m_i m_j / r / |W|.
+    """
+    x, v, m = state.position, state.velocity, state.mass
+    n = x.shape[1]
+    i_all, j_all = _pair_index(n, x.device)
+    t_all, _ = _freefall(x, m, gravity, i_all, j_all)
+    t_min = t_all.min(-1).values
+    sel, counted = select_pairs(t_all, n, how, k)
+    i, j = i_all[sel], j_all[sel]  # (B, K)
+    t_ff = t_all.gather(1, sel)
+    mask = torch.isfinite(t_ff) & counted
+
+    def take(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return a.gather(1, idx[..., None].expand(-1, -1, a.shape[-1]))
+
+    dx, dv = take(x, j) - take(x, i), take(v, j) - take(v, i)
+    mi, mj = m.gather(1, i), m.gather(1, j)
+    r2 = (dx * dx).sum(-1).clamp_min(_TINY)
+    v2 = (dv * dv).sum(-1)
+    r = r2.sqrt()
+    mp = (mi + mj).clamp_min(_TINY)
+    gm = gravity.G * mp
+    eps2 = gravity.softening ** 2
+    acc = accelerations(x, m, gravity)
+    da = take(acc, j) - take(acc, i)
+    own = -gm[..., None] * dx * (r2 + eps2).pow(-1.5)[..., None]
+    tidal = (da - own).norm(dim=-1) * (r2 + eps2) / gm
+    binding = (-potential_energy(state, gravity)).clamp_min(_TINY)[:, None]
+    share = gravity.G * mi * mj * (r2 + eps2).rsqrt() / binding
+    t_safe = torch.where(mask, t_ff, t_min[:, None])
+    feats = torch.stack([
+        torch.log(v2 * r / gm + 1e-12),
+        torch.log(torch.abs(1 - 0.5 * v2 * r / gm) + 1e-4),
+        (dx * dv).sum(-1) / (r * v2.sqrt() + _TINY),
+        torch.log(t_safe / t_min[:, None]),
+        mp / m.sum(-1, keepdim=True),
+        torch.minimum(mi, mj) / torch.maximum(mi, mj).clamp_min(_TINY),
+        torch.log1p(eps2 / r2),
+        torch.log(tidal + 1e-12),
+        torch.log(share + 1e-300),
+    ], -1)
+    feats = torch.where(mask[..., None], feats, torch.zeros_like(feats))
+    return feats, mask, t_min
+
+
+class SetDtNetwork(nn.Module):
+    """dt = t_min exp(B tanh(o / B)), o from the pooled pair encodings; takes any N >= 2 and dim."""
+
+    def __init__(self, hidden: list[int], activation: str, gravity: Gravity, pairs: str = "all", pair_k: int = 8,
+                 initial_dt: float = 0.04, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        self.gravity, self.pairs, self.pair_k = gravity, pairs, pair_k
+        self.history_len = 0
+        self.output = "log_freefall"
+        act = _ACTIVATIONS[activation]
+        layers: list[nn.Module] = []
+        width = PAIR_FEATURES
+        for h in hidden:
+            layers += [nn.Linear(width, h, dtype=dtype), act()]
+            width = h
+        self.encoder = nn.Sequential(*layers)
+        self.score = nn.Linear(width, 1, dtype=dtype)
+        # (1,), not 0-d: a 0-d gradient would not survive the Dask evaluator's NumPy sums
+        self.temperature = nn.Parameter(torch.full((1,), 3.0, dtype=dtype))
+        head = nn.Linear(width, 1, dtype=dtype)
+        with torch.no_grad():
+            self.score.weight.mul_(0.1)
+            head.weight.mul_(0.1)
+            head.bias.fill_(math.log(initial_dt))
+        self.head = nn.Sequential(nn.Linear(2 * width, width, dtype=dtype), act(), head)
+        self.register_buffer("scales", torch.ones(4, dtype=dtype))  # unused; kept for a uniform checkpoint
+
+    def for_gravity(self, gravity: Gravity) -> SetDtNetwork:
+        """The same weights (shared, not copied) reading the pair features of systems under another
+        force law: softening is a property of the system, and the features see it scale-free."""
+        other = copy.copy(self)
+        other.gravity = gravity
+        return other
+
+    def check_takes(self, state: State) -> None:
+        """ValueError (one line) unless every system has at least two bodies of non-zero mass."""
+        if state.num_bodies < 2 or bool(((state.mass != 0).sum(-1) < 2).any()):
+            raise ValueError("the set dt network needs systems of at least 2 bodies of non-zero mass")
+
+    def set_scales(self, state: State) -> None:
+        """Nothing to derive: every input is scale-free."""
+
+    def log_dt(self, state: State, history: History | None = None) -> torch.Tensor:
+        """log of the predicted dt, shape (B,).
+
+        A padded batch (systems of different N, zero-mass bodies) is evaluated in buckets of equal
+        body count, each trimmed to its own N: the pair encoder then never runs on padding, which
+        would otherwise cost N_max(N_max - 1)/2 pairs for every system (benchmarks/README.md).
+        """
+        present = state.mass != 0
+        counts = present.sum(-1)
+        if bool((counts == state.num_bodies).all()):
+            return self._log_dt(state)
+        order = torch.sort((~present).to(torch.int8), dim=1, stable=True).indices  # real bodies first
+        out = state.mass.new_empty(state.batch_size)
+        for n in torch.unique(counts).tolist():
+            rows = torch.nonzero(counts == n)[:, 0]
+            keep = order[rows, :n]
+            sub = State(state.position[rows[:, None], keep], state.velocity[rows[:, None], keep],
+                        state.mass[rows[:, None], keep])
+            out = out.index_put((rows,), self._log_dt(sub))
+        return out
+
+    def _log_dt(self, state: State) -> torch.Tensor:
+        feats, mask, t_min = pair_set_features(state, self.gravity, self.pairs, self.pair_k)
+        h = self.encoder(feats)
+        neg = torch.finfo(h.dtype).min
+        logits = self.score(h)[..., 0] - self.temperature * feats[..., 3]
+        attention = torch.softmax(torch.where(mask, logits, torch.full_like(logits, neg)), dim=1)
+        share = torch.where(mask, feats[..., 8], torch.full_like(logits, neg))
+        weights = torch.softmax(share, dim=1)
+        pooled = torch.cat([(attention[..., None] * h).sum(1), (weights[..., None] * h).sum(1)], -1)
+        out = self.head(pooled)[:, 0]
+        return torch.log(t_min) + LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
+
+    def forward(self, state: State, history: History | None = None) -> torch.Tensor:
+        return torch.exp(self.log_dt(state, history))
+
+
+def build_network(cfg: Config, num_bodies: int) -> DtNetwork | SetDtNetwork:
+    """The dt network the config names: the fixed-N MLP (model.kind = 'mlp', its input size set by
+    num_bodies) or the set network (model.kind = 'set', any N)."""
+    m = cfg.model
+    if m.kind == "set":
+        return SetDtNetwork(list(m.hidden), m.activation, Gravity(cfg.physics.G, cfg.physics.softening), m.pairs,
+                            m.pair_k, m.initial_dt, cfg.torch_dtype)
+    return DtNetwork.from_config(cfg, num_bodies)
