@@ -109,6 +109,11 @@ class ModelConfig(Section):
         "all", "set: pairs encoded: all N(N-1)/2, the pair_k tightest (smallest free-fall time) of each body, or "
                "the pair_k tightest of the system")
     pair_k: Int = opt(8, "set: k of model.pairs = 'per_body' or 'system'", ge=1, le=1_000_000)
+    pooling: Literal["attention", "error_sum"] = opt(
+        "attention", "set: how the pair encodings become one dt: a softmin attention keyed by the pair timescale "
+                     "plus an energy-weighted mean, into one head ('attention'), or a dt per pair whose errors add, "
+                     "dt = (sum_p dt_p^-k)^(-1/k) with the order k learned ('error_sum'; measured less precise, "
+                     "benchmarks/README.md)")
     activation: Literal["relu", "tanh", "silu", "gelu", "softplus"] = opt("silu", "hidden activation")
     features: Literal["basic", "rich", "delta_mag"] = opt(
         "rich", "input features: basic (normalized coordinates), rich (scale-free pair features), delta_mag (rich + "

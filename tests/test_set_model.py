@@ -25,23 +25,29 @@ MIXTURE = ["model.kind='set'", "model.hidden=[8, 8]", "initial_conditions.kind='
            "initial_conditions.family_scale=[100.0, 100.0, 1.0]", "initial_conditions.num_orbits=6"]
 
 
-def net(pairs: str = "all", k: int = 8, seed: int = 0, gravity: Gravity = G0) -> SetDtNetwork:
+def net(pairs: str = "all", k: int = 8, seed: int = 0, gravity: Gravity = G0,
+        pooling: str = "attention") -> SetDtNetwork:
     torch.manual_seed(seed)
-    model = SetDtNetwork([16, 16], "silu", gravity, pairs, k)
+    model = SetDtNetwork([16, 16], "silu", gravity, pairs, k, pooling=pooling)
     with torch.no_grad():  # a random but not near-constant network: scale up the output layers
         model.head[-1].weight.mul_(30.0)
-        model.score.weight.mul_(10.0)
+        if pooling == "attention":
+            model.score.weight.mul_(10.0)
     return model
+
+
+POOLINGS = pytest.mark.parametrize("pooling", ["attention", "error_sum"])
 
 
 def permuted(state: State, perm: torch.Tensor) -> State:
     return State(state.position[:, perm], state.velocity[:, perm], state.mass[:, perm])
 
 
+@POOLINGS
 @pytest.mark.parametrize("pairs", ["all", "per_body", "system"])
-def test_permuting_the_bodies_leaves_dt_unchanged(pairs):
+def test_permuting_the_bodies_leaves_dt_unchanged(pairs, pooling):
     state = State.cat([ics.plummer_sphere(12, 3, 2), ics.hierarchical(2, 12, 5, dim=3)])
-    model = net(pairs, k=3)
+    model = net(pairs, k=3, pooling=pooling)
     base = model.log_dt(state)
     for seed in range(3):
         perm = torch.randperm(12, generator=torch.Generator().manual_seed(seed))
@@ -49,13 +55,14 @@ def test_permuting_the_bodies_leaves_dt_unchanged(pairs):
     assert float(base.detach().std()) > 1e-3  # the network is not constant: the check could fail
 
 
-def test_a_far_light_body_changes_dt_by_less_than_one_percent():
+@POOLINGS
+def test_a_far_light_body_changes_dt_by_less_than_one_percent(pooling):
     three = ics.perturbed_figure_eights(4, 1, dim=3)
     far = State(torch.tensor([[[100.0, 30.0, 5.0]]]).expand(4, 1, 3), torch.zeros(4, 1, 3),
                 torch.full((4, 1), 1e-3))
     four = State(torch.cat([three.position, far.position], 1), torch.cat([three.velocity, far.velocity], 1),
                  torch.cat([three.mass, far.mass], 1))
-    model = net()
+    model = net(pooling=pooling)
     change = (model(four) / model(three) - 1).abs()
     assert float(change.detach().max()) < 0.01
     # ... and a heavy near body does change it (the check can fail)
@@ -65,8 +72,9 @@ def test_a_far_light_body_changes_dt_by_less_than_one_percent():
     assert float((model(near) / model(three) - 1).abs().detach().max()) > 0.05
 
 
-def test_the_same_weights_run_at_any_n_and_padding_changes_nothing():
-    model = net()
+@POOLINGS
+def test_the_same_weights_run_at_any_n_and_padding_changes_nothing(pooling):
+    model = net(pooling=pooling)
     systems = [ics.kepler_ensemble(3, e_range=(0.0, 0.9), a_range=(0.5, 2.0), seed=0, dim=3)[0],
                ics.perturbed_figure_eights(2, 0, dim=3),
                ics.plummer_sphere(16, 1, 2), ics.plummer_sphere(64, 2, 1)]
@@ -201,7 +209,7 @@ def test_a_checkpoint_from_before_the_set_network_still_loads():
     cfg = load(None, ["model.hidden=[8]"])
     payload = snapshot(start_training(cfg), cfg)
     old = payload["config"]
-    for key in ("kind", "pairs", "pair_k"):
+    for key in ("kind", "pairs", "pair_k", "pooling"):
         del old["model"][key]
     for key in ("families", "family_n", "family_weights", "family_scale"):
         del old["initial_conditions"][key]
@@ -211,8 +219,9 @@ def test_a_checkpoint_from_before_the_set_network_still_loads():
     assert type(model).__name__ == "DtNetwork"
 
 
-def test_evaluate_step_runs_a_set_network_on_a_mixed_batch():
-    cfg = load(None, MIXTURE)
+@POOLINGS
+def test_evaluate_step_runs_a_set_network_on_a_mixed_batch(pooling):
+    cfg = load(None, MIXTURE + [f"model.pooling='{pooling}'"])
     s = initial_states(cfg)
     model = build_network(cfg, s.num_bodies)
     ev = evaluate_step(model, s, History.empty(s, 0), StepCriteria.from_config(cfg))

@@ -11,6 +11,12 @@ permutation-invariant pools summarize the set:
 
 A head maps the two pooled vectors to log(dt / t_min) as the MLP does (t_min: the smallest pair
 free-fall time), so the same weights run at any N. Padded bodies (zero mass) are masked out.
+
+`pooling = "error_sum"` replaces the attention pool and head by the structure of the step's error:
+each pair p gets its own dt_p (a head on its encoding and the energy-weighted summary of the rest:
+the dt at which that pair's share of the error alone would reach the threshold), and the errors
+of the pairs, err_p ~ (dt / dt_p)^k, add up: dt = (sum_p dt_p^-k)^(-1/k), a soft minimum whose
+order k is learned. For one pair it is the Kepler MLP's form, dt = t_ff exp(out).
 Which pairs are encoded is configurable (model.pairs): all N(N-1)/2, the k tightest of each body
 (at most N k), or the k tightest of the system.
 """
@@ -31,6 +37,7 @@ from nbody_dt.physics.state import State
 
 PAIR_FEATURES = 9
 PAIR_SELECTIONS = ("all", "per_body", "system")
+POOLINGS = ("attention", "error_sum")
 _TINY = 1e-30
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU, "softplus": nn.Softplus}
 
@@ -134,9 +141,11 @@ class SetDtNetwork(nn.Module):
     """dt = t_min exp(B tanh(o / B)), o from the pooled pair encodings; takes any N >= 2 and dim."""
 
     def __init__(self, hidden: list[int], activation: str, gravity: Gravity, pairs: str = "all", pair_k: int = 8,
-                 initial_dt: float = 0.04, dtype: torch.dtype = torch.float64):
+                 initial_dt: float = 0.04, dtype: torch.dtype = torch.float64, pooling: str = "attention"):
         super().__init__()
-        self.gravity, self.pairs, self.pair_k = gravity, pairs, pair_k
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)})")
+        self.gravity, self.pairs, self.pair_k, self.pooling = gravity, pairs, pair_k, pooling
         self.history_len = 0
         self.output = "log_freefall"
         act = _ACTIVATIONS[activation]
@@ -146,15 +155,21 @@ class SetDtNetwork(nn.Module):
             layers += [nn.Linear(width, h, dtype=dtype), act()]
             width = h
         self.encoder = nn.Sequential(*layers)
-        self.score = nn.Linear(width, 1, dtype=dtype)
-        # (1,), not 0-d: a 0-d gradient would not survive the Dask evaluator's NumPy sums
-        self.temperature = nn.Parameter(torch.full((1,), 3.0, dtype=dtype))
         head = nn.Linear(width, 1, dtype=dtype)
         with torch.no_grad():
-            self.score.weight.mul_(0.1)
             head.weight.mul_(0.1)
             head.bias.fill_(math.log(initial_dt))
+        # attention: the head reads the two pooled vectors; error_sum: each pair's encoding and the
+        # summary of the rest. Parameters are (1,), not 0-d: a 0-d gradient would not survive the
+        # Dask evaluator's NumPy sums.
         self.head = nn.Sequential(nn.Linear(2 * width, width, dtype=dtype), act(), head)
+        if pooling == "attention":
+            self.score = nn.Linear(width, 1, dtype=dtype)
+            with torch.no_grad():
+                self.score.weight.mul_(0.1)
+            self.temperature = nn.Parameter(torch.full((1,), 3.0, dtype=dtype))
+        else:
+            self.log_order = nn.Parameter(torch.full((1,), math.log(3.0), dtype=dtype))  # k = 3: KDK's error
         self.register_buffer("scales", torch.ones(4, dtype=dtype))  # unused; kept for a uniform checkpoint
 
     def for_gravity(self, gravity: Gravity) -> SetDtNetwork:
@@ -197,12 +212,17 @@ class SetDtNetwork(nn.Module):
         feats, mask, t_min = pair_set_features(state, self.gravity, self.pairs, self.pair_k)
         h = self.encoder(feats)
         neg = torch.finfo(h.dtype).min
-        logits = self.score(h)[..., 0] - self.temperature * feats[..., 3]
-        attention = torch.softmax(torch.where(mask, logits, torch.full_like(logits, neg)), dim=1)
-        share = torch.where(mask, feats[..., 8], torch.full_like(logits, neg))
-        weights = torch.softmax(share, dim=1)
-        pooled = torch.cat([(attention[..., None] * h).sum(1), (weights[..., None] * h).sum(1)], -1)
-        out = self.head(pooled)[:, 0]
+        share = torch.where(mask, feats[..., 8], torch.full_like(feats[..., 8], neg))
+        rest = (torch.softmax(share, dim=1)[..., None] * h).sum(1)  # energy-weighted summary (B, W)
+        if self.pooling == "attention":
+            logits = self.score(h)[..., 0] - self.temperature * feats[..., 3]
+            attention = torch.softmax(torch.where(mask, logits, torch.full_like(logits, neg)), dim=1)
+            out = self.head(torch.cat([(attention[..., None] * h).sum(1), rest], -1))[:, 0]
+        else:
+            # log(dt_p / t_min) = log(t_ff,p / t_min) + head; dt = (sum_p dt_p^-k)^(-1/k)
+            per_pair = feats[..., 3] + self.head(torch.cat([h, rest[:, None].expand_as(h)], -1))[..., 0]
+            k = self.log_order.exp()
+            out = -torch.logsumexp(torch.where(mask, -k * per_pair, torch.full_like(per_pair, neg)), dim=1) / k
         return torch.log(t_min) + LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
 
     def forward(self, state: State, history: History | None = None) -> torch.Tensor:
@@ -215,5 +235,5 @@ def build_network(cfg: Config, num_bodies: int) -> DtNetwork | SetDtNetwork:
     m = cfg.model
     if m.kind == "set":
         return SetDtNetwork(list(m.hidden), m.activation, Gravity(cfg.physics.G, cfg.physics.softening), m.pairs,
-                            m.pair_k, m.initial_dt, cfg.torch_dtype)
+                            m.pair_k, m.initial_dt, cfg.torch_dtype, m.pooling)
     return DtNetwork.from_config(cfg, num_bodies)
