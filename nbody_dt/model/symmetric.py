@@ -1,0 +1,116 @@
+"""A time-symmetric learned step: the network's dt made reversible without extra force evaluations.
+
+A KDK step by dt from (x0, v0) drifts with v_half = v0 + dt/2 a(x0) from x0 to x1 = x0 + dt v_half.
+Its midpoint state (x_c, v_half), x_c = x0 + dt/2 v_half, depends only on dt and on the force at x0
+(the previous step's end kick), and the reversed step from (x1, -v1) has the midpoint (x_c, -v_half).
+The symmetric step takes the dt that solves
+
+    dt = dt_scale * h_even(x_c(dt), v_half(dt)),   h_even(x, v) = sqrt(h(x, v) h(x, -v)),
+
+with h the network's dt (it reads the radial cosine, so it is not even in v on its own). The same
+dt then solves the reversed step's equation: reversing the velocities retraces the steps (to the
+iteration's tolerance, ITERATION_TOL on log dt). The equation is solved by Newton iterations of
+batched network calls (2-3 a step along Kepler orbits) and no force evaluation, so the step costs
+one force evaluation, like the plain learned step. A model with history or substeps is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from nbody_dt.model.evaluate import StepCriteria
+from nbody_dt.model.history import History
+from nbody_dt.model.network import DtNetwork
+from nbody_dt.physics.gravity import accelerations
+from nbody_dt.physics.integrator import step_error
+from nbody_dt.physics.policies import Advance
+from nbody_dt.physics.state import State
+
+ITERATION_TOL = 1e-12
+"""|log dt - log(dt_scale h_even(midpoint))| at which the iteration stops: the reversibility tolerance."""
+MAX_ITERATIONS = 60
+
+
+def even_log_dt(model: DtNetwork, position: torch.Tensor, velocity: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """log h_even (B,): the mean of the network's log dt at (x, v) and at (x, -v)."""
+    both = State(torch.cat([position, position]), torch.cat([velocity, -velocity]), torch.cat([mass, mass]))
+    log_dt = model.log_dt(both, History.empty(both, 0))
+    b = position.shape[0]
+    return 0.5 * (log_dt[:b] + log_dt[b:])
+
+
+def symmetric_log_dt(model: DtNetwork, state: State, acceleration: torch.Tensor, dt_scale: float = 1.0,
+                     guess: float | None = None) -> tuple[float, int]:
+    """log dt of the symmetric step of one system (B = 1) and the network calls it took.
+
+    Newton's method on r(u) = log(dt_scale h_even(midpoint(e^u))) - u from `guess` (e.g. extrapolated
+    from the previous steps; else log h_even at the state itself). Each iteration is one batched
+    network call at u - w, u, u + w (w: the previous step's size), whose central differences give
+    r' and r''. It stops when |r(u)| < ITERATION_TOL or when the Newton step's own error estimate,
+    max(|r'' / 2 r'|, 1) step^2, is 10x below it (the max guards against a curvature that the
+    width w underestimates).
+    """
+    x, v, m = state.position, state.velocity, state.mass
+    log_scale = math.log(dt_scale)
+
+    def residuals(u: float, w: float) -> list[float]:
+        us = torch.tensor([u - w, u, u + w], dtype=x.dtype, device=x.device)
+        dt = us.exp()[:, None, None]
+        v_half = v + 0.5 * dt * acceleration
+        log_h = even_log_dt(model, x + 0.5 * dt * v_half, v_half, m.expand(3, -1))
+        return (log_h + log_scale - us).tolist()
+
+    calls = 0
+    if guess is None:
+        guess, calls = float(even_log_dt(model, x, v, m)[0]) + log_scale, 1
+    u, w = guess, 0.05
+    for _ in range(MAX_ITERATIONS):
+        r_lo, r, r_hi = residuals(u, w)
+        calls += 1
+        if abs(r) < ITERATION_TOL:
+            return u, calls
+        slope, curvature = (r_hi - r_lo) / (2 * w), (r_hi - 2 * r + r_lo) / w**2
+        # r' = F' - 1 with F' small along an orbit; a flat or rising r falls back to a fixed-point step
+        step = -r / slope if slope < -0.05 else r
+        u += step
+        if max(abs(curvature / (2 * slope)), 1.0) * step**2 < 0.1 * ITERATION_TOL:
+            return u, calls
+        w = max(abs(step), 1e-6)
+    raise FloatingPointError(f"symmetric step: no dt after {MAX_ITERATIONS} iterations (residual {r:.2e})")
+
+
+@dataclass
+class SymmetricLearnedPolicy:
+    """Time-symmetric steps with the network's dt (module docstring); no rejection, no history.
+
+    dt_scale multiplies the network's dt (a looser or tighter tolerance than the trained one);
+    network_evaluations counts the iterations' network calls (no force evaluations).
+    """
+
+    model: DtNetwork
+    criteria: StepCriteria
+    dt_scale: float = 1.0
+    network_evaluations: int = 0
+    _log_dts: list[float] = field(default_factory=list, repr=False)
+    """The last two steps' log dt: the iteration's starting guess (the root does not depend on it)."""
+
+    def __post_init__(self) -> None:
+        if self.model.history_len or self.criteria.substeps != 1:
+            raise ValueError("the symmetric learned step needs model.history_len = 0 and collect.substeps = 1")
+
+    def advance(self, state: State, max_dt: float) -> Advance:
+        # The force at the start is the previous step's end kick: counted there, not here.
+        acc = accelerations(state.position, state.mass, self.criteria.gravity)
+        with torch.no_grad():
+            last = self._log_dts[-2:]
+            guess = 2 * last[1] - last[0] if len(last) == 2 else (last[0] if last else None)
+            log_dt, calls = symmetric_log_dt(self.model, state, acc, self.dt_scale, guess)
+        self._log_dts = [*self._log_dts[-1:], log_dt]
+        self.network_evaluations += calls
+        dt = min(math.exp(log_dt), max_dt)
+        dt_t = torch.full((state.batch_size,), dt, dtype=state.dtype, device=state.device)
+        after, err = step_error(state, dt_t, self.criteria.gravity, self.criteria.substeps)
+        return Advance(after, dt, float(err[0]), 1)
