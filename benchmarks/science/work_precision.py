@@ -207,6 +207,12 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def save(out: Path, tolerances: list[float], args: argparse.Namespace, results: dict) -> None:
+    (out / "work_precision.json").write_text(json.dumps(
+        {"tolerances": tolerances, "quick": args.quick, "kepler_periods": args.kepler_periods, "results": results},
+        indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kepler", help="N = 2 model: a checkpoint file or run URL")
@@ -244,16 +250,13 @@ def main(argv: list[str] | None = None) -> int:
                 if name.startswith("learned") and learned is None:
                     continue
                 rows.append(run_one(case, name, tol, learned, eta if name == "freefall" else None))
+                save(out, tolerances, args, results)
                 r = rows[-1]
                 print(f"{case.name:<12} {name:<11} tol={tol:<7g} evals={r['force_evaluations']:<8} "
                       f"max|dE/E|={r['max_rel_dE']:.2e} last/first={r['max_rel_dE_last_10pct']:.2e}/"
                       f"{r['max_rel_dE_first_1pct']:.2e} ({r['wall_s']:.0f} s)", file=sys.stderr, flush=True)
         plot(case, rows, out / f"work_precision_{case.name}.png")
         summary = {other: below(rows, "learned-sym", other) for other in ("controller", "freefall")}
-        results[case.name] = rows
-        (out / "work_precision.json").write_text(json.dumps(
-            {"tolerances": tolerances, "quick": args.quick, "kepler_periods": args.kepler_periods,
-             "results": results}, indent=1))
         print(f"{case.name}: learned-sym below controller / freefall: {summary}", file=sys.stderr, flush=True)
     (out / "work_precision.md").write_text(table(results) + "\n")
     print(table(results))
