@@ -17,7 +17,7 @@ from nbody_dt.cli import load_learned, main
 from nbody_dt.model.evaluate import StepCriteria
 from nbody_dt.model.network import DtNetwork
 from nbody_dt.model.policy import LearnedPolicy, make_policy, run_problem
-from nbody_dt.model.symmetric import ITERATION_TOL, SymmetricLearnedPolicy, even_log_dt
+from nbody_dt.model.symmetric import ITERATION_TOL, SymmetricLearnedPolicy, _bisect, even_log_dt
 from nbody_dt.physics import initial_conditions as ics
 from nbody_dt.physics.gravity import Gravity, accelerations
 from nbody_dt.physics.problems import make_problem
@@ -96,6 +96,16 @@ def test_the_step_solves_its_midpoint_equation_with_one_force_evaluation():
     # Through simulate, the last step still lands on t_end.
     res = simulate(s, SymmetricLearnedPolicy(net, CRITERIA), G1, 3.0, threshold=2e-4)
     assert res.t_end == pytest.approx(3.0, abs=1e-12) and res.steps == res.accepted_steps
+
+
+@pytest.mark.parametrize("start", [-3.0, 0.29, 5.0])
+def test_bisection_fallback_finds_the_root_of_a_kinked_residual(start):
+    # r > 0 below the root, kinked at it, nearly flat above: Newton's troubles, bisection's business.
+    def residuals(us):
+        return [0.3 - u if u < 0.3 else 0.01 * (0.3 - u) for u in us]
+
+    root, calls = _bisect(residuals, start)
+    assert abs(root - 0.3) < ITERATION_TOL and calls < 40
 
 
 def _empty():

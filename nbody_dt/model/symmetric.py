@@ -31,7 +31,7 @@ from nbody_dt.physics.state import State
 
 ITERATION_TOL = 1e-12
 """|log dt - log(dt_scale h_even(midpoint))| at which the iteration stops: the reversibility tolerance."""
-MAX_ITERATIONS = 60
+NEWTON_ITERATIONS = 8
 
 
 def even_log_dt(model: DtNetwork, position: torch.Tensor, velocity: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -51,35 +51,60 @@ def symmetric_log_dt(model: DtNetwork, state: State, acceleration: torch.Tensor,
     network call at u - w, u, u + w (w: the previous step's size), whose central differences give
     r' and r''. It stops when |r(u)| < ITERATION_TOL or when the Newton step's own error estimate,
     max(|r'' / 2 r'|, 1) step^2, is 10x below it (the max guards against a curvature that the
-    width w underestimates).
+    width w underestimates). Where r is not clearly decreasing (r' = F' - 1 with F' small along
+    an orbit) or Newton has not converged after NEWTON_ITERATIONS, bisection takes over.
     """
     x, v, m = state.position, state.velocity, state.mass
     log_scale = math.log(dt_scale)
 
-    def residuals(u: float, w: float) -> list[float]:
-        us = torch.tensor([u - w, u, u + w], dtype=x.dtype, device=x.device)
-        dt = us.exp()[:, None, None]
+    def residuals(us: list[float]) -> list[float]:
+        u = torch.tensor(us, dtype=x.dtype, device=x.device)
+        dt = u.exp()[:, None, None]
         v_half = v + 0.5 * dt * acceleration
-        log_h = even_log_dt(model, x + 0.5 * dt * v_half, v_half, m.expand(3, -1))
-        return (log_h + log_scale - us).tolist()
+        log_h = even_log_dt(model, x + 0.5 * dt * v_half, v_half, m.expand(len(us), -1))
+        return (log_h + log_scale - u).tolist()
 
     calls = 0
     if guess is None:
         guess, calls = float(even_log_dt(model, x, v, m)[0]) + log_scale, 1
     u, w = guess, 0.05
-    for _ in range(MAX_ITERATIONS):
-        r_lo, r, r_hi = residuals(u, w)
+    for _ in range(NEWTON_ITERATIONS):
+        r_lo, r, r_hi = residuals([u - w, u, u + w])
         calls += 1
         if abs(r) < ITERATION_TOL:
             return u, calls
         slope, curvature = (r_hi - r_lo) / (2 * w), (r_hi - 2 * r + r_lo) / w**2
-        # r' = F' - 1 with F' small along an orbit; a flat or rising r falls back to a fixed-point step
-        step = -r / slope if slope < -0.05 else r
+        if not slope < -0.05:
+            break
+        step = -r / slope
         u += step
         if max(abs(curvature / (2 * slope)), 1.0) * step**2 < 0.1 * ITERATION_TOL:
             return u, calls
         w = max(abs(step), 1e-6)
-    raise FloatingPointError(f"symmetric step: no dt after {MAX_ITERATIONS} iterations (residual {r:.2e})")
+    u, more = _bisect(residuals, u)
+    return u, calls + more
+
+
+def _bisect(residuals, u: float, points: int = 7) -> tuple[float, int]:
+    """A root of r (r > 0 below it: dt too small) near u by bracketing and bisection, `points`
+    interior points a network call; the root and the calls it took."""
+    r, calls, width = residuals([u])[0], 1, 0.05
+    lo = hi = u
+    while True:
+        lo, hi = (hi, hi + width) if r > 0 else (lo - width, lo)
+        width *= 2
+        calls += 1
+        if (residuals([hi if r > 0 else lo])[0] > 0) != (r > 0):
+            break
+        if calls > 60:
+            raise FloatingPointError(f"symmetric step: no sign change of the residual near log dt = {u:.4g}")
+    while hi - lo > ITERATION_TOL:
+        grid = [lo + (hi - lo) * k / (points + 1) for k in range(1, points + 1)]
+        values = residuals(grid)
+        calls += 1
+        k = next((i for i, value in enumerate(values) if value <= 0), points)
+        lo, hi = (grid[k - 1] if k else lo), (grid[k] if k < points else hi)
+    return 0.5 * (lo + hi), calls
 
 
 @dataclass
