@@ -1,17 +1,22 @@
 """A time-symmetric learned step: the network's dt made reversible without extra force evaluations.
 
 A KDK step by dt from (x0, v0) drifts with v_half = v0 + dt/2 a(x0) from x0 to x1 = x0 + dt v_half.
-Its midpoint state (x_c, v_half), x_c = x0 + dt/2 v_half, depends only on dt and on the force at x0
-(the previous step's end kick), and the reversed step from (x1, -v1) has the midpoint (x_c, -v_half).
-The symmetric step takes the dt that solves
+The drift depends only on dt and on the force at x0 (the previous step's end kick), and the
+reversed step from (x1, -v1) drifts along the same segment with -v_half. The symmetric step takes
+the dt that solves
 
-    dt = dt_scale * h_even(x_c(dt), v_half(dt)),   h_even(x, v) = sqrt(h(x, v) h(x, -v)),
+    log dt = log dt_scale + mean over s in [0, 1] of log h_even(x0 + s dt v_half, v_half),
+    h_even(x, v) = sqrt(h(x, v) h(x, -v)),
 
-with h the network's dt (it reads the radial cosine, so it is not even in v on its own). The same
-dt then solves the reversed step's equation: reversing the velocities retraces the steps (to the
-iteration's tolerance, ITERATION_TOL on log dt). The equation is solved by Newton iterations of
-batched network calls (2-3 a step along Kepler orbits) and no force evaluation, so the step costs
-one force evaluation, like the plain learned step. A model with history or substeps is refused.
+with h the network's dt (it reads the radial cosine, so it is not even in v on its own) and the
+mean by Simpson's rule (s = 0, 1/2, 1). The same dt solves the reversed step's equation, so
+reversing the velocities retraces the steps (to the iteration's tolerance, ITERATION_TOL on
+log dt). The mean along the drift, rather than h_even at its midpoint alone, smooths the narrow
+features the network has at the apsides: with the midpoint alone the map was so sensitive there
+that round-off grew until a 40-period run no longer came back, and the energy error drifted
+(benchmarks/README.md, "Long-horizon energy"). The equation is solved by Newton iterations of
+batched network calls (about 3 a step) and no force evaluation, so the step costs one force
+evaluation, like the plain learned step. A model with history or substeps is refused.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ from nbody_dt.physics.policies import Advance
 from nbody_dt.physics.state import State
 
 ITERATION_TOL = 1e-12
-"""|log dt - log(dt_scale h_even(midpoint))| at which the iteration stops: the reversibility tolerance."""
+"""|residual| of the equation for log dt at which the iteration stops: the reversibility tolerance."""
 NEWTON_ITERATIONS = 8
+DRIFT_NODES = (0.0, 0.5, 1.0)
+DRIFT_WEIGHTS = (1 / 6, 4 / 6, 1 / 6)
+"""Simpson's rule for the mean of log h_even along the drift (x0 + s dt v_half, v_half), s in [0, 1]."""
 
 
 def even_log_dt(model: DtNetwork, position: torch.Tensor, velocity: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -46,7 +54,7 @@ def symmetric_log_dt(model: DtNetwork, state: State, acceleration: torch.Tensor,
                      guess: float | None = None) -> tuple[float, int]:
     """log dt of the symmetric step of one system (B = 1) and the network calls it took.
 
-    Newton's method on r(u) = log(dt_scale h_even(midpoint(e^u))) - u from `guess` (e.g. extrapolated
+    Newton's method on r(u) = (the module docstring's right-hand side at dt = e^u) - u from `guess` (e.g. extrapolated
     from the previous steps; else log h_even at the state itself). Each iteration is one batched
     network call at u - w, u, u + w (w: the previous step's size), whose central differences give
     r' and r''. It stops when |r(u)| < ITERATION_TOL or when the Newton step's own error estimate,
@@ -57,12 +65,18 @@ def symmetric_log_dt(model: DtNetwork, state: State, acceleration: torch.Tensor,
     x, v, m = state.position, state.velocity, state.mass
     log_scale = math.log(dt_scale)
 
+    nodes = torch.tensor(DRIFT_NODES, dtype=x.dtype, device=x.device)
+    weights = torch.tensor(DRIFT_WEIGHTS, dtype=x.dtype, device=x.device)
+
     def residuals(us: list[float]) -> list[float]:
         u = torch.tensor(us, dtype=x.dtype, device=x.device)
-        dt = u.exp()[:, None, None]
-        v_half = v + 0.5 * dt * acceleration
-        log_h = even_log_dt(model, x + 0.5 * dt * v_half, v_half, m.expand(len(us), -1))
-        return (log_h + log_scale - u).tolist()
+        dt = u.exp()[:, None, None, None]
+        v_half = (v + 0.5 * dt * acceleration).expand(-1, len(DRIFT_NODES), -1, -1)
+        points = x + nodes[None, :, None, None] * dt * v_half
+        k = len(us) * len(DRIFT_NODES)
+        log_h = even_log_dt(model, points.reshape(k, *x.shape[1:]), v_half.reshape(k, *x.shape[1:]),
+                            m.expand(k, -1)).reshape(len(us), -1)
+        return ((log_h * weights).sum(1) + log_scale - u).tolist()
 
     calls = 0
     if guess is None:
