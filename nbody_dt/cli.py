@@ -78,6 +78,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--eta", type=_positive("--eta"), help="freefall policy: dt = eta * min pair free-fall time")
     p.add_argument("--safety", type=_positive("--safety"), default=0.9, help="controller safety factor (default 0.9)")
     p.add_argument("--checkpoint", help="learned policy: a checkpoint file or a run URL (its latest checkpoint)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="learned policy: the time-symmetric (reversible) step, for long integrations")
     p.add_argument("--threshold", type=_positive("--threshold"), default=2e-4,
                    help="per-step relative energy error tolerance (default 2e-4)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -94,6 +96,8 @@ def cmd_simulate(args) -> int:
         raise UsageError("simulate: --policy freefall needs --eta")
     if args.policy == "learned" and not args.checkpoint:
         raise UsageError("simulate: --policy learned needs --checkpoint PATH|RUN")
+    if args.symmetric and args.policy != "learned":
+        raise UsageError("simulate: --symmetric applies to --policy learned only")
     problem = make_problem(args.ic, e=args.e, a=args.a, m1=args.m1, m2=args.m2, start=args.start, n=args.n,
                            seed=args.seed, periods=args.periods, t_end=args.t_end, G=args.G, softening=args.softening)
     model = criteria = None
@@ -104,9 +108,10 @@ def cmd_simulate(args) -> int:
         except ValueError as exc:
             raise UsageError(f"simulate: --checkpoint {args.checkpoint}: {exc}") from None
     policy = make_policy(args.policy, problem, args.threshold, dt=args.dt, eta=args.eta, safety=args.safety,
-                         model=model, criteria=criteria)
+                         model=model, criteria=criteria, symmetric=args.symmetric)
     result = run_problem(problem, policy, args.threshold, record=bool(args.plot))
-    summary = {"ic": args.ic, "policy": args.policy, "threshold": args.threshold, **result.summary()}
+    summary = {"ic": args.ic, "policy": args.policy, "symmetric": args.symmetric, "threshold": args.threshold,
+               **result.summary()}
     if args.plot:
         from nbody_dt.plots import plot_simulation
 

@@ -6,6 +6,7 @@ through `evaluate_step`, so they cannot disagree about features, normalization o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,16 +72,20 @@ def evaluate_step(
     criteria: StepCriteria,
     max_dt: torch.Tensor | None = None,
     with_loss: bool = True,
+    dt_scale: float = 1.0,
 ) -> StepEvaluation:
     """Predict dt for every system, take one KDK step, and score it. Vectorized over B.
 
-    max_dt (B,) optionally caps dt (a simulation landing on t_end). The band loss is
+    max_dt (B,) optionally caps dt (a simulation landing on t_end); dt_scale multiplies the
+    network's dt before the cap (a simulation at another tolerance than the trained one). The band loss is
     differentiated through the step (a per-sample hook keeps a non-finite step's gradient
     out of the weights); the regression and margin losses only through the network's log dt.
     The margin loss takes a second, probe step at probe_ratio x dt. with_loss=False (a
     simulation) skips the loss and the probe: loss is then None.
     """
     log_dt = model.log_dt(state, history)
+    if dt_scale != 1.0:
+        log_dt = log_dt + math.log(dt_scale)
     if max_dt is not None:
         log_dt = torch.minimum(log_dt, torch.log(max_dt))
     dt = torch.exp(log_dt)

@@ -10,6 +10,7 @@ import torch
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.model.history import History
 from nbody_dt.model.network import DtNetwork
+from nbody_dt.model.symmetric import SymmetricLearnedPolicy
 from nbody_dt.physics.policies import Advance, DtPolicy, FixedDt, FreeFall, Oracle, StepController
 from nbody_dt.physics.problems import Problem
 from nbody_dt.physics.simulate import SimulationResult, simulate
@@ -20,10 +21,11 @@ POLICIES = ("fixed", "freefall", "controller", "oracle", "learned")
 
 @dataclass
 class LearnedPolicy:
-    """Steps with the network's dt, no rejection; keeps its own history window."""
+    """Steps with the network's dt (times dt_scale), no rejection; keeps its own history window."""
 
     model: DtNetwork
     criteria: StepCriteria
+    dt_scale: float = 1.0
     history: History | None = field(default=None)
 
     def advance(self, state: State, max_dt: float) -> Advance:
@@ -31,13 +33,17 @@ class LearnedPolicy:
             self.history = History.empty(state, self.model.history_len)
         cap = torch.full((state.batch_size,), max_dt, dtype=state.dtype, device=state.device)
         with torch.no_grad():
-            ev = evaluate_step(self.model, state, self.history, self.criteria, max_dt=cap, with_loss=False)
+            ev = evaluate_step(self.model, state, self.history, self.criteria, max_dt=cap, with_loss=False,
+                               dt_scale=self.dt_scale)
         self.history = self.history.push(state)
         return Advance(ev.next_state, float(ev.dt[0]), float(ev.rel_dE[0]), self.criteria.substeps)
 
 
 def make_policy(name: str, problem: Problem, threshold: float, *, dt: float | None = None, eta: float | None = None,
-                safety: float = 0.9, model: DtNetwork | None = None, criteria: StepCriteria | None = None) -> DtPolicy:
+                safety: float = 0.9, model: DtNetwork | None = None, criteria: StepCriteria | None = None,
+                symmetric: bool = False, dt_scale: float = 1.0) -> DtPolicy:
+    """A policy by name; for 'learned', symmetric=True gives the time-symmetric step (model/symmetric.py)
+    and dt_scale multiplies the network's dt."""
     g = problem.gravity
     if name == "fixed":
         return FixedDt(dt, g)
@@ -53,13 +59,16 @@ def make_policy(name: str, problem: Problem, threshold: float, *, dt: float | No
         # pair features under this problem's softening.
         if hasattr(model, "for_gravity"):
             model = model.for_gravity(g)
-        return LearnedPolicy(model, replace(criteria, gravity=g, energy_threshold=threshold, accept_lower=0.0))
+        criteria = replace(criteria, gravity=g, energy_threshold=threshold, accept_lower=0.0)
+        if symmetric:
+            return SymmetricLearnedPolicy(model, criteria, dt_scale)
+        return LearnedPolicy(model, criteria, dt_scale)
     raise ValueError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
 
 
 def run_problem(problem: Problem, policy: DtPolicy, threshold: float, record: bool = True) -> SimulationResult:
     state = problem.state
-    if isinstance(policy, LearnedPolicy):
+    if isinstance(policy, (LearnedPolicy, SymmetricLearnedPolicy)):
         p = next(policy.model.parameters())
         state = state.to(device=p.device, dtype=p.dtype)
     return simulate(state, policy, problem.gravity, problem.t_end, threshold, record=record)
