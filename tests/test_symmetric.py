@@ -17,6 +17,7 @@ from nbody_dt.cli import load_learned, main
 from nbody_dt.model.evaluate import StepCriteria
 from nbody_dt.model.network import DtNetwork
 from nbody_dt.model.policy import LearnedPolicy, make_policy, run_problem
+from nbody_dt.model.set_network import SetDtNetwork
 from nbody_dt.model.symmetric import ITERATION_TOL, SymmetricLearnedPolicy, _bisect, even_log_dt
 from nbody_dt.physics import initial_conditions as ics
 from nbody_dt.physics.gravity import Gravity, accelerations
@@ -69,6 +70,20 @@ def test_reversing_the_velocities_retraces_the_steps(e):
         assert dx < 1e-10 and dv < 1e-10, (dx, dv)
         # The plain learned dt reads the radial cosine: it is not time-symmetric, and does not come back.
         dx_plain, dv_plain = run_back_and_forth(LearnedPolicy(net, CRITERIA), s, 120)
+        assert max(dx_plain, dv_plain) > 1e-6
+
+
+def test_a_set_network_step_is_reversible_at_any_n():
+    """The any-N set network (model/set_network.py) takes the symmetric step as the MLP does."""
+    s = ics.hierarchical(1, 4, 3, dim=3)
+    torch.manual_seed(2)
+    net = SetDtNetwork([16, 16], "silu", G1)
+    with torch.no_grad():
+        net.head[-1].weight.mul_(30.0)
+        net.score.weight.mul_(10.0)
+        dx, dv = run_back_and_forth(SymmetricLearnedPolicy(net, CRITERIA), s, 40)
+        assert dx < 1e-10 and dv < 1e-10, (dx, dv)
+        dx_plain, dv_plain = run_back_and_forth(LearnedPolicy(net, CRITERIA), s, 40)
         assert max(dx_plain, dv_plain) > 1e-6
 
 
