@@ -326,6 +326,17 @@ def _run_log(prefect: Prefect, flow_run_id: str) -> list[str]:
     return [f"{log.level} {log.message}" for log in logs]
 
 
+def _wait_for_logs(prefect: Prefect, flow_run_id: str, found, timeout: float = 60) -> list[str]:
+    """The run's log lines once found(lines) holds or after `timeout` s: the worker ships its log
+    records in batches, also after the run has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = _run_log(prefect, flow_run_id)
+        if found(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(2)
+
+
 def _weights(url: str) -> dict:
     with Run.open(url, write=False) as run:
         epoch, stage, payload = load_latest_checkpoint(run)
@@ -374,13 +385,8 @@ def test_deployment_run_completes_and_fills_storage(prefect, triggered):
     assert flow_run.parameters["run_url"] == url
     # One line per finished stage reaches the run's logs on the server (the Prefect UI).
     wanted = [f"epoch {epoch}/2 {stage}: " for epoch in (1, 2) for stage in ("collect", "persist", "replay", "epoch")]
-    deadline = time.monotonic() + 60  # the worker ships its log records in batches, after the run ends too
-    while True:
-        lines = _run_log(prefect, flow_run_id)
-        missing = [w for w in wanted if not any(w in line for line in lines)]
-        if not missing or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    lines = _wait_for_logs(prefect, flow_run_id, lambda lines: all(any(w in line for line in lines) for w in wanted))
+    missing = [w for w in wanted if not any(w in line for line in lines)]
     assert not missing, (missing, lines[-20:])
 
     stages = {(e, s) for e in (0, 1) for s in ("collect", "persist", "replay", "epoch")}
@@ -436,8 +442,11 @@ def test_crashed_deployment_run_retry_resumes_from_storage(prefect, worker, trig
     retried = prefect.wait(flow_run_id, "COMPLETED")
     assert retried.run_count == 2
     # The nbody_dt logger's warning about the lock it took over is in the run's logs on the server.
-    lines = _run_log(prefect, flow_run_id)
-    assert any(line.startswith("30 breaking the lock of run") for line in lines), lines
+    def broke_lock(lines: list[str]) -> bool:
+        return any(line.startswith("30 breaking the lock of run") for line in lines)
+
+    lines = _wait_for_logs(prefect, flow_run_id, broke_lock)
+    assert broke_lock(lines), lines
 
     # Nothing that was in storage was redone: its ledger marks and metrics records are the same
     # files, no rows were appended twice, and only epoch 1's replay and epoch stages were added.
