@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import run as B  # noqa: E402
 
+from nbody_dt.model.evaluate import evaluate_step  # noqa: E402
 from nbody_dt.model.history import History  # noqa: E402
 from nbody_dt.physics.gravity import Gravity  # noqa: E402
 from nbody_dt.physics.integrator import step_error  # noqa: E402
@@ -40,7 +41,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="oracle steps per system")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model, _, cfg = B.load_checkpoint(args.checkpoint)
+    model, criteria, cfg = B.load_checkpoint(args.checkpoint)
     tol = cfg.collect.energy_threshold
     ic = cfg.initial_conditions.model_copy(update={"seed": args.ic_seed})
     cfg = cfg.model_copy(update={"initial_conditions": ic})
@@ -51,10 +52,9 @@ def main() -> None:
     for _ in range(args.steps):
         d = oracle_dt(state, gravity, tol)
         with torch.no_grad():
-            dt = model(state, History.empty(state, model.history_len))
-        _, err = step_error(state, dt, gravity)
-        ratios.append(torch.log(dt / d))
-        over.append(~(err < tol))  # NaN counts as over
+            ev = evaluate_step(model, state, History.empty(state, model.history_len), criteria, with_loss=False)
+        ratios.append(torch.log(ev.dt / d))
+        over.append(~(ev.rel_dE < tol))  # NaN counts as over
         state, _ = step_error(state, d, gravity)
     ratios, over = torch.stack(ratios, 1), torch.stack(over, 1)  # (B, steps)
     groups = {name: [k for k, lab in enumerate(labels) if lab == name] for name in dict.fromkeys(labels)}

@@ -13,7 +13,7 @@ from nbody_dt.model.history import History
 from nbody_dt.physics.gravity import Gravity
 from nbody_dt.physics.state import State
 
-_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU, "softplus": nn.Softplus}
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU, "softplus": nn.Softplus}
 LOG_DT_BOUND = 12.0
 """log(dt / t_ff) is soft-clamped to +-LOG_DT_BOUND so exp() can never overflow."""
 
@@ -51,7 +51,7 @@ class DtNetwork(nn.Module):
         width = n_in + 2 * fourier_features
         layers: list[nn.Module] = []
         for h in hidden:
-            layers += [nn.Linear(width, h, dtype=dtype), _ACTIVATIONS[activation]()]
+            layers += [nn.Linear(width, h, dtype=dtype), ACTIVATIONS[activation]()]
             width = h
         head = nn.Linear(width, 1, dtype=dtype)
         with torch.no_grad():

@@ -17,6 +17,7 @@ each pair p gets its own dt_p (a head on its encoding and the energy-weighted su
 the dt at which that pair's share of the error alone would reach the threshold), and the errors
 of the pairs, err_p ~ (dt / dt_p)^k, add up: dt = (sum_p dt_p^-k)^(-1/k), a soft minimum whose
 order k is learned. For one pair it is the Kepler MLP's form, dt = t_ff exp(out).
+
 Which pairs are encoded is configurable (model.pairs): all N(N-1)/2, the k tightest of each body
 (at most N k), or the k tightest of the system.
 """
@@ -31,7 +32,7 @@ from torch import nn
 
 from nbody_dt.config import Config
 from nbody_dt.model.history import History
-from nbody_dt.model.network import LOG_DT_BOUND, DtNetwork
+from nbody_dt.model.network import ACTIVATIONS, LOG_DT_BOUND, DtNetwork
 from nbody_dt.physics.gravity import Gravity, accelerations, potential_energy
 from nbody_dt.physics.state import State
 
@@ -39,7 +40,6 @@ PAIR_FEATURES = 9
 PAIR_SELECTIONS = ("all", "per_body", "system")
 POOLINGS = ("attention", "error_sum")
 _TINY = 1e-30
-_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU, "softplus": nn.Softplus}
 
 
 def _pair_index(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +148,7 @@ class SetDtNetwork(nn.Module):
         self.gravity, self.pairs, self.pair_k, self.pooling = gravity, pairs, pair_k, pooling
         self.history_len = 0
         self.output = "log_freefall"
-        act = _ACTIVATIONS[activation]
+        act = ACTIVATIONS[activation]
         layers: list[nn.Module] = []
         width = PAIR_FEATURES
         for h in hidden:
@@ -160,9 +160,10 @@ class SetDtNetwork(nn.Module):
             head.weight.mul_(0.1)
             head.bias.fill_(math.log(initial_dt))
         # attention: the head reads the two pooled vectors; error_sum: each pair's encoding and the
-        # summary of the rest. Parameters are (1,), not 0-d: a 0-d gradient would not survive the
-        # Dask evaluator's NumPy sums.
+        # summary of the rest.
         self.head = nn.Sequential(nn.Linear(2 * width, width, dtype=dtype), act(), head)
+        # The scalar parameters are (1,), not 0-d: a 0-d gradient would not survive the Dask
+        # evaluator's NumPy sums.
         if pooling == "attention":
             self.score = nn.Linear(width, 1, dtype=dtype)
             with torch.no_grad():
