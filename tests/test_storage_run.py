@@ -126,6 +126,10 @@ def test_foreign_directory_untouched(tmp_path):
     (b'{"package": "other"}', "not an nbody-dt run"),
     (b'{"package": "nbody-dt", "schema_version": 99}', "schema version 99"),
     (b'{"package": "nbody-dt", "schema_version": 1, "config": {"seed": -1}}', "corrupt run metadata"),
+    (b'{"package": "nbody-dt", "schema_version": 2, "created": "2026-12-01T00:00:00Z", "package_version": "9.0", '
+     b'"config": {"model": {"wings": 2}}}', "(model.wings: unknown key (known: activation,"),
+    (b'{"package": "nbody-dt", "schema_version": 2, "created": "2026-12-01T00:00:00Z", "package_version": "9.0", '
+     b'"config": {"model": {"wings": 2}}}', "written by nbody-dt 9.0, open it with that version"),
 ])
 def test_corrupt_metadata(tmp_path, content, fragment):
     Run.create(tmp_path / "run", small_config()).close()
