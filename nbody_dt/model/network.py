@@ -78,6 +78,11 @@ class DtNetwork(nn.Module):
             raise ValueError(f"this dt network (model.kind = 'mlp') takes systems of N = {self.num_bodies} bodies, "
                              f"got N = {state.num_bodies}; a set network (model.kind = 'set') takes any N")
 
+    def for_gravity(self, gravity: Gravity) -> DtNetwork:
+        """Itself: its features are normalized by scales derived under the training force law, so it
+        keeps that law's G and softening on any problem (the set network's twin reads the problem's)."""
+        return self
+
     def set_scales(self, state: State) -> None:
         """Derive and store the normalization scales from the initial training states (once)."""
         with torch.no_grad():

@@ -54,11 +54,9 @@ def make_policy(name: str, problem: Problem, threshold: float, *, dt: float | No
     if name == "oracle":
         return Oracle(threshold, g)
     if name == "learned":
-        # The network keeps the features and normalization it was trained with; the step
-        # itself uses this problem's gravity and threshold. A set network reads its scale-free
-        # pair features under this problem's softening.
-        if hasattr(model, "for_gravity"):
-            model = model.for_gravity(g)
+        # The step uses this problem's gravity and threshold; the network reads its features as
+        # its for_gravity says (the MLP under the training force law, the set network under this one).
+        model = model.for_gravity(g)
         criteria = replace(criteria, gravity=g, energy_threshold=threshold, accept_lower=0.0)
         if symmetric:
             return SymmetricLearnedPolicy(model, criteria, dt_scale)
