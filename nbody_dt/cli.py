@@ -131,7 +131,7 @@ def load_learned(source: str):
     on the CPU; UsageError naming the source when it is none of these."""
     import torch
 
-    from nbody_dt.config import from_dict
+    from nbody_dt.config import ConfigError, from_dict
     from nbody_dt.model.evaluate import StepCriteria
     from nbody_dt.storage import Run, load_latest_checkpoint
     from nbody_dt.storage.errors import one_line
@@ -151,7 +151,10 @@ def load_learned(source: str):
         payload = latest.payload
     if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
         raise UsageError(f"--checkpoint {source}: not an nbody-dt checkpoint (no config or model)")
-    cfg = from_dict({**payload["config"], "device": "cpu"})
+    try:
+        cfg = from_dict({**payload["config"], "device": "cpu"})
+    except ConfigError as exc:  # e.g. a key of a newer nbody-dt
+        raise UsageError(f"--checkpoint {source}: its config is not one this nbody-dt reads ({exc})") from None
     return load_model(payload, cfg), StepCriteria.from_config(cfg), cfg
 
 

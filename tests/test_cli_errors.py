@@ -57,6 +57,15 @@ def test_garbage_checkpoint_file(tmp_path):
     assert "weights_only=False" not in line
 
 
+def test_checkpoint_of_a_newer_config(tmp_path):
+    import torch
+
+    newer = tmp_path / "newer.pt"
+    torch.save({"config": {"model": {"wings": 2}}, "model": {}}, newer)
+    _one_line_error(_cli("simulate", "--policy", "learned", "--checkpoint", str(newer)), "newer.pt",
+                    "not one this nbody-dt reads", "model.wings: unknown key")
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
 def test_flow_errors_are_one_line_and_verbose_adds_the_trace(tmp_path):

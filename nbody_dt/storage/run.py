@@ -454,9 +454,11 @@ def _read_meta(fs, root: str, url: str) -> dict:
         from_dict(meta["config"])
     except (ConfigError, TypeError, AttributeError) as exc:
         if "unknown key" in str(exc):  # most likely a run of a newer nbody-dt, not a damaged file
+            writer = meta["package_version"]
+            hint = (f"it was written by nbody-dt {writer}, open it with that version" if writer != __version__
+                    else f"it was written by another build of nbody-dt {writer} that has this key")
             raise RunError(f"run metadata {where} has a config key nbody-dt {__version__} does not know "
-                           f"({one_line(exc)}); it was written by nbody-dt {meta['package_version']}, "
-                           "open it with that version") from exc
+                           f"({one_line(exc)}); {hint}") from exc
         raise RunError(f"corrupt run metadata {where}: {one_line(exc)}") from exc
     return meta
 
