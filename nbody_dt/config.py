@@ -170,6 +170,8 @@ class LossConfig(Section):
 class ReplayConfig(Section):
     batch_size: Int = opt(512, "minibatch size", ge=1, le=10_000_000)
     steps: Int = opt(1000, "iteration cap per replay stage", ge=0, le=100_000_000)
+    final_steps: Int = opt(0, "iteration cap of the last epoch's replay (0 = replay.steps): a long last replay undoes "
+                              "what the last collection's retraining did to the weights", ge=0, le=100_000_000)
     min_size: Int = opt(2, "skip replay while the window holds fewer rows", ge=1)
     window: Literal["epoch", "all", "last"] = opt("all", "rows replayed: this epoch's, all, or the last `last_rows`")
     last_rows: Int = opt(100_000, "rows in the 'last' window", ge=1)

@@ -158,3 +158,11 @@ def test_one_payload_restores_twice_to_the_same_run(cfg):
         train_epoch(resumed, copy.deepcopy(memory), cfg, 1)
         results.append(weights(resumed))
     assert_same_weights(results[0], results[1])
+
+
+def test_the_last_epoch_replays_up_to_final_steps():
+    """replay.steps = 0 skips every replay but the last epoch's, which runs up to replay.final_steps."""
+    cfg = C.load(overrides=OVERRIDES + ["epochs=2", "replay.steps=0", "replay.final_steps=3"])
+    _, _, metrics = run(cfg, 2)
+    assert metrics[0]["replay_iterations"] == 0 and metrics[0]["replay_samples"] == 0
+    assert 1 <= metrics[1]["replay_iterations"] <= 3 and metrics[1]["replay_samples"] > 0

@@ -19,6 +19,7 @@ from nbody_dt.training.replay import (
     apply_gradients,
     evaluate_minibatch,
     generalize_on_trajectory,
+    replay_steps,
     sample_minibatch,
     sample_positions,
 )
@@ -290,3 +291,10 @@ def test_window_start_limits_replay_but_not_history(collected):
     for j in reaching:
         p = int(part.prev[int(mb.rows[j])])
         assert bool(mb.history.valid[j, 0]) and torch.equal(mb.history.position[j, 0], rows.position[p])
+
+
+def test_replay_steps_of_each_epoch():
+    assert [replay_steps(cfg_for("epochs=4", "replay.steps=10", "replay.final_steps=50"), e) for e in range(4)] == [
+        10, 10, 10, 50]
+    assert replay_steps(cfg_for("epochs=4", "replay.steps=10", "replay.final_steps=50"), 9) == 50
+    assert [replay_steps(cfg_for("epochs=2", "replay.steps=10"), e) for e in range(2)] == [10, 10]

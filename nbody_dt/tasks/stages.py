@@ -29,7 +29,7 @@ from nbody_dt.storage import (
 from nbody_dt.storage.errors import RunError
 from nbody_dt.tasks import runtime
 from nbody_dt.training.collect import collect_trajectory
-from nbody_dt.training.replay import generalize_on_trajectory
+from nbody_dt.training.replay import generalize_on_trajectory, replay_steps
 from nbody_dt.training.setup import Training, restore, snapshot, start_training
 
 _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EBUSY}
@@ -143,7 +143,7 @@ def replay(run_url: str, epoch: int) -> dict:
     window = run.trajectory.window(cfg.replay.window, epoch=epoch, last_rows=cfg.replay.last_rows,
                                    history_len=cfg.model.history_len)
     _, _, metrics = generalize_on_trajectory(training.model, window, training.optimizer, cfg,
-                                             runtime.evaluator(run_url))
+                                             runtime.evaluator(run_url), steps=replay_steps(cfg, epoch))
     crash_point("replay", epoch)
     return _checkpoint_and_finish(run_url, epoch, "replay", training, metrics)
 

@@ -8,7 +8,7 @@ from nbody_dt.config import Config
 from nbody_dt.model.trajectory import InMemoryTrajectory, Rows, link_previous, window_bounds
 from nbody_dt.training.collect import collect_trajectory
 from nbody_dt.training.evaluators import Evaluator
-from nbody_dt.training.replay import generalize_on_trajectory
+from nbody_dt.training.replay import generalize_on_trajectory, replay_steps
 from nbody_dt.training.setup import Training
 
 
@@ -46,5 +46,5 @@ def train_epoch(training: Training, run: MemoryRun, cfg: Config, epoch: int,
                                                               cfg, epoch)
     run.append(rows, epoch)
     _, _, replay_metrics = generalize_on_trajectory(training.model, run.window(cfg, epoch), training.optimizer, cfg,
-                                                    evaluator)
+                                                    evaluator, steps=replay_steps(cfg, epoch))
     return {"epoch": epoch, **collect_metrics, **replay_metrics}

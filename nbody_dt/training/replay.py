@@ -96,6 +96,15 @@ def _skipped(window_rows: int) -> dict:
             "replay_samples_per_s": 0.0}
 
 
+def replay_steps(config: Config, epoch: int) -> int:
+    """The iteration cap of an epoch's replay: replay.final_steps in the last epoch when set, else
+    replay.steps. The last collection moves the weights on a few live systems; a long last replay
+    leaves the checkpoint the precision that replay alone keeps buying (benchmarks/README.md)."""
+    if epoch >= config.epochs - 1 and config.replay.final_steps:
+        return config.replay.final_steps
+    return config.replay.steps
+
+
 def generalize_on_trajectory(
     model: DtNetwork,
     trajectory: ReplaySource,
@@ -103,10 +112,11 @@ def generalize_on_trajectory(
     config: Config,
     evaluator: Evaluator | None = None,
     generator: torch.Generator | None = None,
+    steps: int | None = None,
 ) -> tuple[bool, int, dict]:
-    """At most replay.steps iterations of: sample a minibatch, evaluate it, and either stop
-    (every sample passes: (True, iteration + 1, metrics)) or step on the mean loss of the
-    failing samples. Returns (False, replay.steps, metrics) when the cap is hit.
+    """At most `steps` (default replay.steps) iterations of: sample a minibatch, evaluate it, and
+    either stop (every sample passes: (True, iteration + 1, metrics)) or step on the mean loss of
+    the failing samples. Returns (False, steps, metrics) when the cap is hit.
 
     An empty trajectory or one shorter than replay.min_size is skipped: (True, 0, metrics
     marked replay_skipped). With replay.verify = 'full', a passing minibatch is followed by a
@@ -118,10 +128,11 @@ def generalize_on_trajectory(
     evaluator = evaluator or LocalEvaluator.from_config(config)
     criteria = StepCriteria.from_config(config)
     bs, on = config.replay.batch_size, config.loss.on
+    cap = config.replay.steps if steps is None else steps
     start = time.perf_counter()
     samples, first_rate, result = 0, None, None
-    converged, iterations = False, config.replay.steps
-    for it in range(config.replay.steps):
+    converged, iterations = False, cap
+    for it in range(cap):
         result = evaluator.evaluate(model, sample_minibatch(trajectory, bs, generator), criteria, on)
         samples += len(result.passed)
         first_rate = float(result.passed.float().mean()) if first_rate is None else first_rate
