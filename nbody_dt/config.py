@@ -142,6 +142,10 @@ class CollectConfig(Section):
     substeps: Int = opt(1, "KDK substeps per predicted dt", ge=1, le=1024)
     accept_safe_after: Int = opt(200, "accept a step below accept_lower (safe, but under the band) after this many "
                                       "consecutive failed tries of its system (0 = never: the band strictly)", ge=0)
+    on_stall: Literal["raise", "restart"] = opt(
+        "raise", "a system failing more than max_retrain_steps tries in a row: end the stage with an error that "
+                 "keeps its rows ('raise'), or start that system over from a fresh one of its family, drawn at a seed "
+                 "derived from initial_conditions.seed, once per epoch ('restart')")
 
 
 class LossConfig(Section):

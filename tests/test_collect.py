@@ -215,3 +215,57 @@ def test_accept_safe_after_advances_a_system_stuck_below_the_band():
     assert bool((rows.rel_dE < hi).all())
     # three systems passed at once, three after two failed tries each: 6 + 2 * 3 tries
     assert m["collect_tries"] == 12 and m["collect_retrain_iterations"] == 2
+
+
+def _frozen_band(steps: int, *extra: str):
+    """The frozen-network setup of the stall tests: the three largest initial errors lie inside the
+    band and pass at every try, the three smallest below it (they fail until they stall)."""
+    probe_cfg = cfg_for("initial_conditions.num_orbits=6", "optimizer.lr=1e-12")
+    probe = start_training(probe_cfg)
+    err = evaluate_step(probe.model, probe.live.state, probe.live.history, StepCriteria.from_config(probe_cfg)).rel_dE
+    lo, hi = float((err.sort().values[2] * err.sort().values[3]).sqrt()), float(err.max()) * 100
+    cfg = cfg_for("initial_conditions.num_orbits=6", "optimizer.lr=1e-12", f"collect.accept_lower={lo!r}",
+                  f"collect.energy_threshold={hi!r}", f"loss.lower={lo * 2!r}", f"loss.upper={lo * 4!r}",
+                  f"collect.steps_per_epoch={steps}", "collect.max_retrain_steps=3", "collect.accept_safe_after=0",
+                  *extra)
+    return cfg, err
+
+
+def test_on_stall_restart_starts_a_stalled_system_over_once_per_epoch():
+    """Stalled systems start over from what `restart` draws (here: the start of the best system, which
+    passes) with time and step 0, and collect their rows; the restart is counted."""
+    cfg, err = _frozen_band(1, "collect.on_stall=restart")
+    tr = start_training(cfg)
+    start, best = tr.live, int(torch.argmax(err))
+    keys = []
+
+    def restart(orbits, key):
+        keys.append(key)
+        return start.state.select(torch.full_like(orbits, best))
+
+    rows, live, m = collect_trajectory(tr.model, tr.optimizer, start, cfg, 2, restart)
+    stalled = sorted(torch.argsort(err)[:3].tolist())
+    assert m["collect_restarts"] == 3 and keys == [f"epoch 2 orbits {stalled} steps [0, 0, 0]"]
+    assert len(rows) == 6 and live.step.tolist() == [1] * 6
+    again = torch.isin(rows.orbit, torch.tensor(stalled))
+    assert bool((rows.time[again] == 0).all()) and bool((rows.step[again] == 0).all())
+    assert bool((rows.position[again] == start.state.position[best]).all())
+    # Without a restart to draw from, or with on_stall = 'raise' (the default), the same run stalls.
+    with pytest.raises(CollectionStalled):
+        collect_trajectory(tr.model, tr.optimizer, start, cfg, 2)
+    with pytest.raises(CollectionStalled):
+        collect_trajectory(tr.model, tr.optimizer, start, _frozen_band(1)[0], 2, restart)
+
+
+def test_a_second_stall_in_the_epoch_raises():
+    cfg, err = _frozen_band(1, "collect.on_stall=restart")
+    tr = start_training(cfg)
+    worst, draws = int(torch.argmin(err)), []
+
+    def restart(orbits, key):  # the start of a system that never passes: it stalls again
+        draws.append(key)
+        return tr.live.state.select(torch.full_like(orbits, worst))
+
+    with pytest.raises(CollectionStalled):
+        collect_trajectory(tr.model, tr.optimizer, tr.live, cfg, 0, restart)
+    assert len(draws) == 1, "one restart, then the second stall raises"

@@ -16,7 +16,14 @@ from nbody_dt.physics import initial_conditions as ics
 from nbody_dt.physics.gravity import Gravity, accelerations, total_energy
 from nbody_dt.physics.integrator import kdk_step
 from nbody_dt.physics.state import State
-from nbody_dt.training.setup import initial_states, load_model, mixture_counts, snapshot, start_training
+from nbody_dt.training.setup import (
+    initial_states,
+    load_model,
+    mixture_counts,
+    restart_states,
+    snapshot,
+    start_training,
+)
 
 G0 = Gravity()
 MIXTURE = ["model.kind='set'", "model.hidden=[8, 8]", "initial_conditions.kind='mixture'", "physics.dim=3",
@@ -171,6 +178,19 @@ def test_mixture_states_and_counts():
     size = s.position.norm(dim=-1).max(-1).values
     assert float(size[:4].min()) > 20 and float(size[4:].max()) < 20
     assert bool(torch.isfinite(total_energy(s, Gravity(softening=0.01))).all())
+
+
+def test_restart_states_keep_each_orbits_family_and_n():
+    cfg = load(None, MIXTURE)
+    first = initial_states(cfg)
+    orbits = torch.tensor([5, 0, 3])
+    fresh = restart_states(cfg, orbits, "epoch 2 orbits [5, 0, 3] steps [7, 1, 4]")
+    assert torch.equal(fresh.mass != 0, first.mass[orbits] != 0), "the same family, the same N, in orbit order"
+    assert not torch.equal(fresh.position, first.position[orbits]), "a new draw, not the start again"
+    again = restart_states(cfg, orbits, "epoch 2 orbits [5, 0, 3] steps [7, 1, 4]")
+    assert torch.equal(again.position, fresh.position) and torch.equal(again.velocity, fresh.velocity)
+    other = restart_states(cfg, orbits, "epoch 3 orbits [5, 0, 3] steps [7, 1, 4]")
+    assert not torch.equal(other.position, fresh.position)
 
 
 def test_hierarchical_systems_are_bound_and_hierarchical():

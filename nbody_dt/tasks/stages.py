@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from functools import partial
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -30,7 +31,7 @@ from nbody_dt.storage.errors import RunError
 from nbody_dt.tasks import runtime
 from nbody_dt.training.collect import collect_trajectory
 from nbody_dt.training.replay import generalize_on_trajectory, replay_steps
-from nbody_dt.training.setup import Training, restore, snapshot, start_training
+from nbody_dt.training.setup import Training, restart_states, restore, snapshot, start_training
 
 _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EBUSY}
 
@@ -109,7 +110,7 @@ def collect(run_url: str, epoch: int) -> dict:
     run = runtime.run(run_url)
     training = _training_state(run_url)
     rows, training.live, metrics = collect_trajectory(training.model, training.optimizer, training.live, run.config,
-                                                      epoch)
+                                                      epoch, partial(restart_states, run.config))
     crash_point("collect", epoch)
     pending = {k: v.cpu() for k, v in rows.as_dict().items()}
     return _checkpoint_and_finish(run_url, epoch, "collect", training, metrics, pending_rows=pending)

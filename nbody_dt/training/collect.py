@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,22 @@ class LiveCollection:
             self.step + mask.to(torch.int64),
         )
 
+    def restart(self, orbits: torch.Tensor, fresh: State) -> LiveCollection:
+        """Systems `orbits` start over from `fresh` (one system each): empty history, time 0, step 0."""
+        mask = torch.zeros(self.state.batch_size, dtype=torch.bool, device=self.state.device)
+        mask[orbits] = True
+        full = _scatter_state(self.state, orbits, fresh.to(device=self.state.device, dtype=self.state.dtype))
+        return LiveCollection(
+            full.where(mask, self.state),
+            History.empty(self.state, self.history.length).where(mask, self.history),
+            torch.where(mask, torch.zeros_like(self.time), self.time),
+            torch.where(mask, torch.zeros_like(self.step), self.step),
+        )
+
+
+Restart = Callable[[torch.Tensor, str], State]
+"""Fresh systems for the live systems `orbits`, drawn deterministically from a key."""
+
 
 def _scatter_state(base: State, index: torch.Tensor, values: State) -> State:
     return State(base.position.index_copy(0, index, values.position),
@@ -75,6 +92,7 @@ def collect_trajectory(
     live: LiveCollection,
     cfg: Config,
     epoch: int,
+    restart: Restart | None = None,
 ) -> tuple[Rows, LiveCollection, dict]:
     """Advance every system by collect.steps_per_epoch accepted steps; return the rows, the new live
     collection and the collect metrics.
@@ -87,6 +105,10 @@ def collect_trajectory(
     collect.accept_safe_after N > 0 a system that failed N tries in a row also advances on a
     step below the band (safe, only too small): the network cannot always shape dt to a narrow
     admissible window (near a sign change of the error), and a stall would end the run.
+    A system that fails more than collect.max_retrain_steps tries in a row stalls: with
+    collect.on_stall = 'restart' (and a `restart` to draw from) it starts over from a fresh system,
+    once per epoch, and collects its remaining rows from there; otherwise, or at its second stall
+    of the epoch, CollectionStalled is raised.
     """
     criteria = StepCriteria.from_config(cfg)
     need = cfg.collect.steps_per_epoch
@@ -98,6 +120,7 @@ def collect_trajectory(
     done = torch.zeros(b, dtype=torch.int64)
     fails_in_row = torch.zeros(b, dtype=torch.int64)
     blocks: list[Rows] = []
+    restarted = torch.zeros(b, dtype=torch.bool)
     tries = retrain = accepted_below_band = 0
     while bool((done < need).any()):
         orbits = torch.nonzero(done < need)[:, 0]
@@ -125,9 +148,15 @@ def collect_trajectory(
             fails_in_row[failed] += 1
             worst = int(torch.argmax(fails_in_row))
             if cap and int(fails_in_row[worst]) > cap:
-                pos = int(torch.nonzero(orbits == worst)[0, 0])
-                raise CollectionStalled(worst, int(live.step[worst]), float(ev.rel_dE[pos]), int(fails_in_row[worst]),
-                                        _concat(blocks, live), live)
+                stalled = torch.nonzero(fails_in_row > cap)[:, 0]
+                if cfg.collect.on_stall != "restart" or restart is None or bool(restarted[stalled].any()):
+                    pos = int(torch.nonzero(orbits == worst)[0, 0])
+                    raise CollectionStalled(worst, int(live.step[worst]), float(ev.rel_dE[pos]),
+                                            int(fails_in_row[worst]), _concat(blocks, live), live)
+                key = f"epoch {epoch} orbits {stalled.tolist()} steps {live.step[stalled].tolist()}"
+                live = live.restart(stalled, restart(stalled, key))
+                restarted[stalled] = True
+                fails_in_row[stalled] = 0
             optimizer.zero_grad(set_to_none=True)
             select_loss(ev.loss, ok, cfg.loss.on).mean().backward()
             optimizer.step()
@@ -141,6 +170,7 @@ def collect_trajectory(
         "collect_pass_rate": len(rows) / tries if tries else 0.0,
         "collect_accepted_below_band": accepted_below_band,
         "collect_retrain_iterations": retrain,
+        "collect_restarts": int(restarted.sum()),
         "collect_dt_mean": float(dt.mean()),
         "collect_dt_median": float(dt.median()),
         "collect_dt_min": float(dt.min()),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from nbody_dt.config import Config
@@ -9,7 +11,7 @@ from nbody_dt.model.trajectory import InMemoryTrajectory, Rows, link_previous, w
 from nbody_dt.training.collect import collect_trajectory
 from nbody_dt.training.evaluators import Evaluator
 from nbody_dt.training.replay import generalize_on_trajectory, replay_steps
-from nbody_dt.training.setup import Training
+from nbody_dt.training.setup import Training, restart_states
 
 
 class MemoryRun:
@@ -43,7 +45,7 @@ def train_epoch(training: Training, run: MemoryRun, cfg: Config, epoch: int,
                 evaluator: Evaluator | None = None) -> dict:
     """Part 1 then Part 2 over the configured replay window; one flat dict of all metrics."""
     rows, training.live, collect_metrics = collect_trajectory(training.model, training.optimizer, training.live,
-                                                              cfg, epoch)
+                                                              cfg, epoch, partial(restart_states, cfg))
     run.append(rows, epoch)
     _, _, replay_metrics = generalize_on_trajectory(training.model, run.window(cfg, epoch), training.optimizer, cfg,
                                                     evaluator, steps=replay_steps(cfg, epoch))

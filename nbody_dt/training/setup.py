@@ -4,6 +4,7 @@ and the checkpoint payload (plain tensors, numbers and strings) that restores th
 from __future__ import annotations
 
 import copy
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -35,6 +36,15 @@ def initial_states(cfg: Config) -> State:
     if ic.kind == "mixture":
         return mixture_states(cfg)
     return ics.pythagorean(dim, dtype)
+
+
+def restart_states(cfg: Config, orbits: torch.Tensor, key: str) -> State:
+    """Fresh systems for the live systems `orbits` (collect.on_stall = 'restart'): the config's
+    initial conditions drawn at a seed derived from initial_conditions.seed and `key`, each orbit
+    from its own entry, so a mixture's system keeps its family and N."""
+    digest = hashlib.sha256(f"{cfg.initial_conditions.seed}:{key}".encode()).digest()
+    ic = cfg.initial_conditions.model_copy(update={"seed": int.from_bytes(digest[:8], "little") >> 1})
+    return initial_states(cfg.model_copy(update={"initial_conditions": ic})).select(orbits.cpu())
 
 
 def mixture_counts(weights: list[float], total: int) -> list[int]:
