@@ -212,18 +212,20 @@ class SetDtNetwork(nn.Module):
     def _log_dt(self, state: State) -> torch.Tensor:
         feats, mask, t_min = pair_set_features(state, self.gravity, self.pairs, self.pair_k)
         h = self.encoder(feats)
-        neg = torch.finfo(h.dtype).min
-        share = torch.where(mask, feats[..., 8], torch.full_like(feats[..., 8], neg))
-        rest = (torch.softmax(share, dim=1)[..., None] * h).sum(1)  # energy-weighted summary (B, W)
+
+        def masked(x: torch.Tensor) -> torch.Tensor:
+            """x on the real selected pairs, the most negative float elsewhere (no weight in a softmax)."""
+            return torch.where(mask, x, torch.full_like(x, torch.finfo(x.dtype).min))
+
+        rest = (torch.softmax(masked(feats[..., 8]), dim=1)[..., None] * h).sum(1)  # energy-weighted summary (B, W)
         if self.pooling == "attention":
-            logits = self.score(h)[..., 0] - self.temperature * feats[..., 3]
-            attention = torch.softmax(torch.where(mask, logits, torch.full_like(logits, neg)), dim=1)
+            attention = torch.softmax(masked(self.score(h)[..., 0] - self.temperature * feats[..., 3]), dim=1)
             out = self.head(torch.cat([(attention[..., None] * h).sum(1), rest], -1))[:, 0]
         else:
             # log(dt_p / t_min) = log(t_ff,p / t_min) + head; dt = (sum_p dt_p^-k)^(-1/k)
             per_pair = feats[..., 3] + self.head(torch.cat([h, rest[:, None].expand_as(h)], -1))[..., 0]
             k = self.log_order.exp()
-            out = -torch.logsumexp(torch.where(mask, -k * per_pair, torch.full_like(per_pair, neg)), dim=1) / k
+            out = -torch.logsumexp(masked(-k * per_pair), dim=1) / k
         return torch.log(t_min) + LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
 
     def forward(self, state: State, history: History | None = None) -> torch.Tensor:

@@ -35,10 +35,15 @@ class LiveCollection:
                               torch.zeros(b, dtype=state.dtype, device=state.device),
                               torch.zeros(b, dtype=torch.int64, device=state.device))
 
-    def advance(self, orbits: torch.Tensor, after: State, dt: torch.Tensor) -> LiveCollection:
-        """Systems `orbits` take their accepted step (to `after`, by `dt`); the others stay."""
+    def _mask(self, orbits: torch.Tensor) -> torch.Tensor:
+        """(B,) True for the systems `orbits`."""
         mask = torch.zeros(self.state.batch_size, dtype=torch.bool, device=self.state.device)
         mask[orbits] = True
+        return mask
+
+    def advance(self, orbits: torch.Tensor, after: State, dt: torch.Tensor) -> LiveCollection:
+        """Systems `orbits` take their accepted step (to `after`, by `dt`); the others stay."""
+        mask = self._mask(orbits)
         full_after = _scatter_state(self.state, orbits, after)
         full_dt = torch.zeros_like(self.time).index_copy(0, orbits, dt.to(self.time))
         return LiveCollection(
@@ -50,8 +55,7 @@ class LiveCollection:
 
     def restart(self, orbits: torch.Tensor, fresh: State) -> LiveCollection:
         """Systems `orbits` start over from `fresh` (one system each): empty history, time 0, step 0."""
-        mask = torch.zeros(self.state.batch_size, dtype=torch.bool, device=self.state.device)
-        mask[orbits] = True
+        mask = self._mask(orbits)
         full = _scatter_state(self.state, orbits, fresh.to(device=self.state.device, dtype=self.state.dtype))
         return LiveCollection(
             full.where(mask, self.state),
