@@ -9,7 +9,6 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -129,28 +128,16 @@ def cmd_simulate(args) -> int:
 def load_learned(source: str):
     """(model, criteria, config) of a checkpoint file or of a run URL's newest intact checkpoint,
     on the CPU; UsageError naming the source when it is none of these."""
-    import torch
-
     from nbody_dt.config import ConfigError, from_dict
     from nbody_dt.model.evaluate import StepCriteria
-    from nbody_dt.storage import Run, load_latest_checkpoint
-    from nbody_dt.storage.errors import one_line
+    from nbody_dt.storage import read_checkpoint
+    from nbody_dt.storage.errors import RunError
     from nbody_dt.training.setup import load_model
 
-    if Path(source).is_file():
-        try:
-            payload = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch's messages span lines and advise weights_only=False: never that
-            reason = "not loadable with weights_only=True" if "weights_only" in str(exc) else one_line(exc)
-            raise UsageError(f"--checkpoint {source}: not a readable nbody-dt checkpoint ({reason})") from None
-    else:
-        with Run.open(source, write=False) as run:
-            latest = load_latest_checkpoint(run)
-        if latest is None:
-            raise UsageError(f"--checkpoint {source}: the run has no checkpoint yet")
-        payload = latest.payload
-    if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
-        raise UsageError(f"--checkpoint {source}: not an nbody-dt checkpoint (no config or model)")
+    try:
+        payload = read_checkpoint(source)
+    except RunError as exc:
+        raise UsageError(f"--checkpoint {exc}") from None
     try:
         cfg = from_dict({**payload["config"], "device": "cpu"})
     except ConfigError as exc:  # e.g. a key of a newer nbody-dt
@@ -269,7 +256,9 @@ def _run_training(args, mode: str) -> int:
     if mode == "create":
         from nbody_dt.config import load
 
-        load(args.config, args.set)  # a bad config is refused at once, before Prefect's server starts
+        cfg = load(args.config, args.set)  # a bad config is refused at once, before Prefect's server starts
+        if cfg.model.pair_prior:
+            _check_pair_prior(cfg)
     run_url = (args.run_dir or default_run_url()) if mode == "create" else args.run
     progress = None if args.json else _Progress(console)
     _start_prefect(console)
@@ -293,6 +282,20 @@ def _run_training(args, mode: str) -> int:
         print(f"  nbody-dt simulate --policy learned --checkpoint {summary['run_url']} "
               "--ic kepler --e 0.9 --periods 10")
     return 0
+
+
+def _check_pair_prior(cfg) -> None:
+    """UsageError (one line) unless model.pair_prior names a checkpoint this config can take as its prior."""
+    from nbody_dt.storage import read_checkpoint
+    from nbody_dt.storage.errors import RunError
+    from nbody_dt.training.setup import pair_prior_weights
+
+    try:
+        pair_prior_weights(cfg, read_checkpoint(cfg.model.pair_prior))
+    except RunError as exc:
+        raise UsageError(f"model.pair_prior {exc}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_train(args) -> int:

@@ -114,6 +114,11 @@ class ModelConfig(Section):
                      "plus an energy-weighted mean, into one head ('attention'), or a dt per pair whose errors add, "
                      "dt = (sum_p dt_p^-k)^(-1/k) with the order k learned ('error_sum'; measured less precise, "
                      "benchmarks/README.md)")
+    pair_prior: str = opt(
+        "", "set: a run URL or checkpoint file of a set network trained on two-body systems (configs/kepler_set.toml) "
+            "with the same hidden widths and activation: its dt of each pair alone, the pairs' errors added by "
+            "energy share, is the base this network learns to correct; copied into this run's checkpoints at the "
+            "fresh start and never trained. Empty: the base is the smallest pair free-fall time")
     activation: Literal["relu", "tanh", "silu", "gelu", "softplus"] = opt("silu", "hidden activation")
     features: Literal["basic", "rich", "delta_mag"] = opt(
         "rich", "input features: basic (normalized coordinates), rich (scale-free pair features), delta_mag (rich + "
@@ -241,6 +246,8 @@ class Config(Section):
             raise ValueError(f"initial_conditions.num_orbits: {ic.kind!r} is a single system, set it to 1")
         if self.model.kind == "set" and self.model.history_len:
             raise ValueError("model.history_len: the set network takes no history (set it to 0)")
+        if self.model.pair_prior and self.model.kind != "set":
+            raise ValueError("model.pair_prior: only the set network (model.kind = 'set') takes a pair prior")
         if self.model.kind == "set" and self.model.output != "log_freefall":
             raise ValueError("model.output: the set network predicts log(dt / t_ff); set it to 'log_freefall'")
         if ic.kind == "mixture":

@@ -115,13 +115,13 @@ def test_padding_is_invisible_to_gravity_and_the_step():
 
 def test_pair_selection_costs_and_keeps_the_tightest_pairs():
     s = ics.plummer_sphere(64, 4, 2)
-    feats_all, mask_all, t_min = pair_set_features(s, G0, "all")
+    feats_all, mask_all, t_min, _, _ = pair_set_features(s, G0, "all")
     assert feats_all.shape[1] == 64 * 63 // 2 and bool(mask_all.all())
-    feats_sys, mask_sys, t_min_sys = pair_set_features(s, G0, "system", 5)
+    feats_sys, mask_sys, t_min_sys, _, _ = pair_set_features(s, G0, "system", 5)
     assert feats_sys.shape[1] == 5 and torch.equal(t_min_sys, t_min)
     # the k tightest of the system: the 5 smallest log(t_ff / t_min), the first being 0
     torch.testing.assert_close(feats_sys[..., 3], feats_all[..., 3].sort(-1).values[:, :5])
-    feats_pb, mask_pb, _ = pair_set_features(s, G0, "per_body", 2)
+    feats_pb, mask_pb, *_ = pair_set_features(s, G0, "per_body", 2)
     assert feats_pb.shape[1] == 64 * 2 and 32 <= int(mask_pb[0].sum()) <= 128
     # every body appears in a selected pair with its nearest partner (by free-fall time)
     i, j = torch.triu_indices(5, 5, offset=1)

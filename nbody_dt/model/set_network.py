@@ -20,26 +20,39 @@ order k is learned. For one pair it is the Kepler MLP's form, dt = t_ff exp(out)
 
 Which pairs are encoded is configurable (model.pairs): all N(N-1)/2, the k tightest of each body
 (at most N k), or the k tightest of the system.
+
+With a pair prior (model.pair_prior, `PairPrior`) the head's output corrects the prior's dt instead
+of t_min: a frozen two-body network read on every pair alone, the pairs' errors added by energy
+share, dt = (sum_p share_p dt_p^-3)^(-1/3); for one pair it is the two-body network itself.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nbody_dt.config import Config
 from nbody_dt.model.history import History
 from nbody_dt.model.network import ACTIVATIONS, LOG_DT_BOUND, DtNetwork
-from nbody_dt.physics.gravity import Gravity, accelerations, potential_energy
+from nbody_dt.physics.gravity import Gravity, accelerations, kinetic_energy, potential_energy
 from nbody_dt.physics.state import State
 
 PAIR_FEATURES = 9
 PAIR_SELECTIONS = ("all", "per_body", "system")
 POOLINGS = ("attention", "error_sum")
 _TINY = 1e-30
+PRIOR_ERROR_ORDER = 3.0
+"""The pair prior adds the pairs' errors as dt^3: the KDK step's single-step energy error law."""
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x on the real selected pairs, the most negative float elsewhere (no weight in a softmax)."""
+    return torch.where(mask, x, torch.full_like(x, torch.finfo(x.dtype).min))
 
 
 def _pair_index(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,9 +97,23 @@ def select_pairs(t_ff: torch.Tensor, n: int, how: str, k: int) -> tuple[torch.Te
     return idx, picked.gather(1, idx)
 
 
-def pair_set_features(state: State, gravity: Gravity, how: str = "all",
-                      k: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(features (B, K, PAIR_FEATURES), mask (B, K) of real selected pairs, t_min (B,)).
+class PairSet(NamedTuple):
+    """The selected pairs of a batch of systems, as the set network reads them."""
+
+    features: torch.Tensor
+    """(B, K, PAIR_FEATURES), zero where not a real selected pair."""
+    mask: torch.Tensor
+    """(B, K): real selected pairs."""
+    t_min: torch.Tensor
+    """(B,): the smallest pair free-fall time of each system (over all pairs)."""
+    t_ff: torch.Tensor
+    """(B, K): each pair's free-fall time (t_min where not a real pair)."""
+    energy_share: torch.Tensor
+    """(B, K): |E_pair| / |E|, the pair's two-body energy against the system's."""
+
+
+def pair_set_features(state: State, gravity: Gravity, how: str = "all", k: int = 8) -> PairSet:
+    """The features, mask, timescales and energy shares of the selected pairs (`PairSet`).
 
     Per pair, all scale-free: log(v^2 r / G m), log|1 - v^2 r / 2 G m| (log r / 2a when bound),
     the radial cosine, log(t_ff / t_min), the pair's mass fraction m / M, the mass ratio
@@ -119,8 +146,12 @@ def pair_set_features(state: State, gravity: Gravity, how: str = "all",
     da = take(acc, j) - take(acc, i)
     own = -gm[..., None] * dx * (r2 + eps2).pow(-1.5)[..., None]
     tidal = (da - own).norm(dim=-1) * (r2 + eps2) / gm
-    binding = (-potential_energy(state, gravity)).clamp_min(_TINY)[:, None]
-    share = gravity.G * mi * mj * (r2 + eps2).rsqrt() / binding
+    potential = potential_energy(state, gravity)
+    binding = (-potential).clamp_min(_TINY)[:, None]
+    pair_potential = gravity.G * mi * mj * (r2 + eps2).rsqrt()
+    share = pair_potential / binding
+    pair_energy = 0.5 * mi * mj / mp * v2 - pair_potential
+    energy = (kinetic_energy(state) + potential).abs().clamp_min(_TINY)[:, None]
     t_safe = torch.where(mask, t_ff, t_min[:, None])
     feats = torch.stack([
         torch.log(v2 * r / gm + 1e-12),
@@ -134,14 +165,69 @@ def pair_set_features(state: State, gravity: Gravity, how: str = "all",
         torch.log(share + 1e-300),
     ], -1)
     feats = torch.where(mask[..., None], feats, torch.zeros_like(feats))
-    return feats, mask, t_min
+    return PairSet(feats, mask, t_min, t_safe, pair_energy.abs() / energy)
+
+
+class PairPrior(nn.Module):
+    """A frozen two-body dt: the encoder and head of a set network trained on lone pairs (a Kepler
+    run), applied to every selected pair of a system as if that pair were alone.
+
+    A lone pair's features differ from a pair's in a system only in four places: its timescale is
+    the system's smallest (log t_ff / t_min = 0), it holds all the mass and all the binding energy,
+    and no other body pulls on it (the tidal feature at its floor, log 1e-12). The prior reads the
+    pair with those four set so; the speed feature is floored at the slowest apocentre of the
+    Kepler training (v^2 r / G m = 0.01, e = 0.99), so that a pair at rest is read as the nearest
+    state the prior has seen. The weights are buffers: saved and loaded with the network, never
+    trained. Returns log(dt_pair / t_ff) per pair, as the two-body network itself would.
+    """
+
+    LONE_PAIR = {3: 0.0, 4: 1.0, 7: math.log(1e-12), 8: 0.0}
+    SPEED_FLOOR = math.log(0.01)
+
+    def __init__(self, hidden: list[int], activation: str, dtype: torch.dtype):
+        super().__init__()
+        self.act = ACTIVATIONS[activation]()
+        widths = [PAIR_FEATURES, *hidden]
+        self.encoder_layers = len(hidden)
+        for k, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            self.register_buffer(f"encoder_{2 * k}_weight", torch.zeros(b, a, dtype=dtype))
+            self.register_buffer(f"encoder_{2 * k}_bias", torch.zeros(b, dtype=dtype))
+        w = widths[-1]
+        for name, shape in (("head_0_weight", (w, 2 * w)), ("head_0_bias", (w,)), ("head_2_weight", (1, w)),
+                            ("head_2_bias", (1,))):
+            self.register_buffer(name, torch.zeros(*shape, dtype=dtype))
+
+    def load_network(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy a two-body set network's encoder and head (its state_dict) into the prior;
+        ValueError (one line) when the shapes differ."""
+        for name, buf in self.named_buffers():
+            key = name.replace("_", ".")
+            src = weights.get(key)
+            if src is None or tuple(src.shape) != tuple(buf.shape):
+                raise ValueError(f"the pair prior needs a set network of the same hidden widths ({key}: expected "
+                                 f"shape {tuple(buf.shape)}, found {None if src is None else tuple(src.shape)})")
+            with torch.no_grad():
+                buf.copy_(src.to(dtype=buf.dtype, device=buf.device))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        lone = features.clone()
+        lone[..., 0] = lone[..., 0].clamp_min(self.SPEED_FLOOR)
+        for column, value in self.LONE_PAIR.items():
+            lone[..., column] = value
+        h = lone
+        for k in range(self.encoder_layers):
+            h = self.act(F.linear(h, getattr(self, f"encoder_{2 * k}_weight"), getattr(self, f"encoder_{2 * k}_bias")))
+        h = self.act(F.linear(torch.cat([h, h], -1), self.head_0_weight, self.head_0_bias))
+        out = F.linear(h, self.head_2_weight, self.head_2_bias)[..., 0]
+        return LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
 
 
 class SetDtNetwork(nn.Module):
     """dt = t_min exp(B tanh(o / B)), o from the pooled pair encodings; takes any N >= 2 and dim."""
 
     def __init__(self, hidden: list[int], activation: str, gravity: Gravity, pairs: str = "all", pair_k: int = 8,
-                 initial_dt: float = 0.04, dtype: torch.dtype = torch.float64, pooling: str = "attention"):
+                 initial_dt: float = 0.04, dtype: torch.dtype = torch.float64, pooling: str = "attention",
+                 pair_prior: bool = False):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)})")
@@ -156,9 +242,11 @@ class SetDtNetwork(nn.Module):
             width = h
         self.encoder = nn.Sequential(*layers)
         head = nn.Linear(width, 1, dtype=dtype)
+        # With a pair prior the network corrects the prior's dt and starts at no correction.
+        self.prior = PairPrior(hidden, activation, dtype) if pair_prior else None
         with torch.no_grad():
             head.weight.mul_(0.1)
-            head.bias.fill_(math.log(initial_dt))
+            head.bias.fill_(0.0 if pair_prior else math.log(initial_dt))
         # attention: the head reads the two pooled vectors; error_sum: each pair's encoding and the
         # summary of the rest.
         self.head = nn.Sequential(nn.Linear(2 * width, width, dtype=dtype), act(), head)
@@ -210,23 +298,30 @@ class SetDtNetwork(nn.Module):
         return out
 
     def _log_dt(self, state: State) -> torch.Tensor:
-        feats, mask, t_min = pair_set_features(state, self.gravity, self.pairs, self.pair_k)
+        pairs = pair_set_features(state, self.gravity, self.pairs, self.pair_k)
+        feats, mask = pairs.features, pairs.mask
         h = self.encoder(feats)
-
-        def masked(x: torch.Tensor) -> torch.Tensor:
-            """x on the real selected pairs, the most negative float elsewhere (no weight in a softmax)."""
-            return torch.where(mask, x, torch.full_like(x, torch.finfo(x.dtype).min))
-
-        rest = (torch.softmax(masked(feats[..., 8]), dim=1)[..., None] * h).sum(1)  # energy-weighted summary (B, W)
+        # the energy-weighted summary (B, W)
+        rest = (torch.softmax(_masked(feats[..., 8], mask), dim=1)[..., None] * h).sum(1)
         if self.pooling == "attention":
-            attention = torch.softmax(masked(self.score(h)[..., 0] - self.temperature * feats[..., 3]), dim=1)
+            attention = torch.softmax(_masked(self.score(h)[..., 0] - self.temperature * feats[..., 3], mask), dim=1)
             out = self.head(torch.cat([(attention[..., None] * h).sum(1), rest], -1))[:, 0]
         else:
             # log(dt_p / t_min) = log(t_ff,p / t_min) + head; dt = (sum_p dt_p^-k)^(-1/k)
             per_pair = feats[..., 3] + self.head(torch.cat([h, rest[:, None].expand_as(h)], -1))[..., 0]
             k = self.log_order.exp()
-            out = -torch.logsumexp(masked(-k * per_pair), dim=1) / k
-        return torch.log(t_min) + LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
+            out = -torch.logsumexp(_masked(-k * per_pair, mask), dim=1) / k
+        return self._log_base(pairs) + LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
+
+    def _log_base(self, pairs: PairSet) -> torch.Tensor:
+        """log of the dt the network corrects: the smallest pair free-fall time, or with a pair prior
+        the dt at which the pairs' errors, each (dt / dt_pair)^3 weighted by the pair's energy share,
+        add up to the threshold: dt = (sum_p share_p dt_p^-3)^(-1/3)."""
+        if self.prior is None:
+            return torch.log(pairs.t_min)
+        log_dt_pair = torch.log(pairs.t_ff) + self.prior(pairs.features)
+        log_error = torch.log(pairs.energy_share.clamp_min(_TINY)) - PRIOR_ERROR_ORDER * log_dt_pair
+        return -torch.logsumexp(_masked(log_error, pairs.mask), dim=1) / PRIOR_ERROR_ORDER
 
     def forward(self, state: State, history: History | None = None) -> torch.Tensor:
         return torch.exp(self.log_dt(state, history))
@@ -238,5 +333,5 @@ def build_network(cfg: Config, num_bodies: int) -> DtNetwork | SetDtNetwork:
     m = cfg.model
     if m.kind == "set":
         return SetDtNetwork(list(m.hidden), m.activation, Gravity(cfg.physics.G, cfg.physics.softening), m.pairs,
-                            m.pair_k, m.initial_dt, cfg.torch_dtype, m.pooling)
+                            m.pair_k, m.initial_dt, cfg.torch_dtype, m.pooling, pair_prior=bool(m.pair_prior))
     return DtNetwork.from_config(cfg, num_bodies)

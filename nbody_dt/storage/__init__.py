@@ -4,7 +4,13 @@ A run is addressed by one URL (a local path or any fsspec URL). Nothing here imp
 reports and plots of a run live above, in `nbody_dt.report` and `nbody_dt.plots`.
 """
 
-from nbody_dt.storage.checkpoints import Checkpoint, list_checkpoints, load_latest_checkpoint, save_checkpoint
+from nbody_dt.storage.checkpoints import (
+    Checkpoint,
+    list_checkpoints,
+    load_latest_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from nbody_dt.storage.errors import RunError
 from nbody_dt.storage.metrics import completed, epoch_rows, is_done, mark_done, read_metrics, write_metrics
 from nbody_dt.storage.run import STAGES, Run
@@ -22,6 +28,7 @@ __all__ = [
     "is_done",
     "list_checkpoints",
     "load_latest_checkpoint",
+    "read_checkpoint",
     "mark_done",
     "read_metrics",
     "save_checkpoint",

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import pickle
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -73,6 +74,26 @@ def load_latest_checkpoint(run: Run, map_location="cpu") -> Checkpoint | None:
         return None
     epoch, stage, _ = committed[-1]
     return Checkpoint(epoch, stage, load_checkpoint(run, epoch, stage, map_location))
+
+
+def read_checkpoint(source: str) -> dict:
+    """The payload of a checkpoint file, or of a run URL's newest intact checkpoint, on the CPU;
+    RunError naming the source when it is none of these."""
+    if Path(source).is_file():
+        try:
+            payload = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch's messages span lines and advise weights_only=False: never that
+            reason = "not loadable with weights_only=True" if "weights_only" in str(exc) else one_line(exc)
+            raise RunError(f"{source}: not a readable nbody-dt checkpoint ({reason})") from None
+    else:
+        with Run.open(source, write=False) as run:
+            latest = load_latest_checkpoint(run)
+        if latest is None:
+            raise RunError(f"{source}: the run has no checkpoint yet")
+        payload = latest.payload
+    if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
+        raise RunError(f"{source}: not an nbody-dt checkpoint (no config or model)")
+    return payload
 
 
 def load_checkpoint(run: Run, epoch: int, stage: str, map_location="cpu") -> dict:

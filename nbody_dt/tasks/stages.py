@@ -23,6 +23,7 @@ from nbody_dt.storage import (
     is_done,
     load_latest_checkpoint,
     mark_done,
+    read_checkpoint,
     read_metrics,
     save_checkpoint,
     write_metrics,
@@ -81,7 +82,10 @@ def _training_state(url: str) -> Training:
     """The training objects of the newest intact checkpoint, or a fresh start."""
     run = runtime.run(url)
     latest = load_latest_checkpoint(run, map_location=run.config.device)
-    return start_training(run.config) if latest is None else restore(latest.payload, run.config)
+    if latest is not None:
+        return restore(latest.payload, run.config)
+    prior = run.config.model.pair_prior
+    return start_training(run.config, read_checkpoint(prior) if prior else None)
 
 
 def _checkpoint_and_finish(url: str, epoch: int, stage: str, training: Training, metrics: dict,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nbody_dt.config import Config
+from nbody_dt.config import Config, ConfigError, from_dict
 from nbody_dt.model.history import History
 from nbody_dt.model.network import DtNetwork
 from nbody_dt.model.set_network import build_network
@@ -115,12 +115,36 @@ class Training:
     live: LiveCollection
 
 
-def start_training(cfg: Config) -> Training:
-    """A fresh run: seed, build the systems and the network, derive normalization once."""
+def pair_prior_weights(cfg: Config, payload: dict) -> dict[str, torch.Tensor]:
+    """The network weights of a pair-prior checkpoint payload (model.pair_prior), after checking that
+    it is a set network trained on two-body systems with this config's hidden widths and activation
+    (ValueError, one line, otherwise)."""
+    source = cfg.model.pair_prior
+    try:
+        prior = from_dict(payload["config"]).model
+    except ConfigError as exc:
+        raise ValueError(f"model.pair_prior {source}: its config is not one this nbody-dt reads ({exc})") from None
+    bodies = payload["live"]["mass"].shape[1] if isinstance(payload.get("live"), dict) else None
+    if prior.kind != "set" or prior.pair_prior or bodies != 2:
+        raise ValueError(f"model.pair_prior {source}: not a set network trained on two-body systems without a "
+                         f"prior of its own (kind {prior.kind!r}, {bodies} bodies)")
+    if (tuple(prior.hidden), prior.activation) != (tuple(cfg.model.hidden), cfg.model.activation):
+        raise ValueError(f"model.pair_prior {source}: hidden {list(prior.hidden)} / {prior.activation}, this "
+                         f"config has {list(cfg.model.hidden)} / {cfg.model.activation}: they must be the same")
+    return payload["model"]
+
+
+def start_training(cfg: Config, pair_prior: dict | None = None) -> Training:
+    """A fresh run: seed, build the systems and the network, derive normalization once; a config
+    with model.pair_prior takes that checkpoint's payload, whose network becomes the frozen prior."""
     apply_compute_settings(cfg)
     seed_everything(cfg.seed)
     state = initial_states(cfg).to(device=cfg.device)
     model = build_network(cfg, state.num_bodies).to(cfg.device)
+    if cfg.model.pair_prior:
+        if pair_prior is None:
+            raise ValueError(f"model.pair_prior {cfg.model.pair_prior}: its checkpoint was not loaded")
+        model.prior.load_network(pair_prior_weights(cfg, pair_prior))
     if cfg.model.normalization == "initial":
         model.set_scales(state)
     return Training(model, make_optimizer(cfg, model), LiveCollection.start(state, cfg.model.history_len))
