@@ -41,7 +41,9 @@ def with_prior(two_body: dict, extra: list[str] = ()) -> torch.nn.Module:
     cfg = load(None, MIXTURE + list(extra))
     model = start_training(cfg, two_body).model
     with torch.no_grad():
-        model.head[-1].weight.zero_()  # no correction: the network's dt is the prior's
+        model.head[-1].weight.zero_()  # no correction and full trust: the network's dt is the prior's
+        model.trust.weight.zero_()
+        model.trust.bias.fill_(50.0)  # sigmoid(50) = 1 in float64
     return model
 
 

@@ -260,6 +260,13 @@ class SetDtNetwork(nn.Module):
         else:
             self.log_order = nn.Parameter(torch.full((1,), math.log(3.0), dtype=dtype))  # k = 3: KDK's error
         self.register_buffer("scales", torch.ones(4, dtype=dtype))  # unused; kept for a uniform checkpoint
+        if pair_prior:
+            # how far the base follows the prior from t_min, learned from the energy-weighted summary;
+            # starts at 0.98 (the prior's dt)
+            self.trust = nn.Linear(width, 1, dtype=dtype)
+            with torch.no_grad():
+                self.trust.weight.mul_(0.1)
+                self.trust.bias.fill_(4.0)
 
     def for_gravity(self, gravity: Gravity) -> SetDtNetwork:
         """The same weights (shared, not copied) reading the pair features of systems under another
@@ -311,17 +318,20 @@ class SetDtNetwork(nn.Module):
             per_pair = feats[..., 3] + self.head(torch.cat([h, rest[:, None].expand_as(h)], -1))[..., 0]
             k = self.log_order.exp()
             out = -torch.logsumexp(_masked(-k * per_pair, mask), dim=1) / k
-        return self._log_base(pairs) + LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
+        return self._log_base(pairs, rest) + LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
 
-    def _log_base(self, pairs: PairSet) -> torch.Tensor:
+    def _log_base(self, pairs: PairSet, rest: torch.Tensor) -> torch.Tensor:
         """log of the dt the network corrects: the smallest pair free-fall time, or with a pair prior
-        the dt at which the pairs' errors, each (dt / dt_pair)^3 weighted by the pair's energy share,
-        add up to the threshold: dt = (sum_p share_p dt_p^-3)^(-1/3)."""
+        a learned share (the trust, in (0, 1)) of the way from it to the prior's dt, the dt at which
+        the pairs' errors, each (dt / dt_pair)^3 weighted by the pair's energy share, add up to the
+        threshold: dt = (sum_p share_p dt_p^-3)^(-1/3)."""
+        log_t_min = torch.log(pairs.t_min)
         if self.prior is None:
-            return torch.log(pairs.t_min)
+            return log_t_min
         log_dt_pair = torch.log(pairs.t_ff) + self.prior(pairs.features)
         log_error = torch.log(pairs.energy_share.clamp_min(_TINY)) - PRIOR_ERROR_ORDER * log_dt_pair
-        return -torch.logsumexp(_masked(log_error, pairs.mask), dim=1) / PRIOR_ERROR_ORDER
+        log_prior = -torch.logsumexp(_masked(log_error, pairs.mask), dim=1) / PRIOR_ERROR_ORDER
+        return log_t_min + torch.sigmoid(self.trust(rest)[:, 0]) * (log_prior - log_t_min)
 
     def forward(self, state: State, history: History | None = None) -> torch.Tensor:
         return torch.exp(self.log_dt(state, history))
