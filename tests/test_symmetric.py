@@ -185,3 +185,22 @@ def test_work_precision_benchmark_smallest_run(checkpoint, tmp_path):
         assert r["force_evaluations"] >= r["accepted_steps"] > 0 and r["max_rel_dE"] >= r["final_rel_dE"]
     assert rows[1]["force_evaluations"] == rows[1]["accepted_steps"] and rows[1]["network_calls"] > 0
     assert (out / "work_precision_kepler-0.9.png").stat().st_size > 0 and "| kepler-0.9 |" in result.stdout
+
+
+def test_work_precision_plummer_ensemble_sums_counts_and_takes_medians(tmp_path):
+    script = str(ROOT / "benchmarks/science/work_precision.py")
+    out = tmp_path / "wp"
+    result = subprocess.run([sys.executable, script, "--quick", "--problems", "plummer16", "--plummer-spheres", "3",
+                             "--policies", "oracle,controller", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in json.loads((out / "work_precision.json").read_text())["results"]["plummer16"]:
+        runs = row["runs"]
+        assert len({r["force_evaluations"] for r in runs}) > 1 or len({r["final_rel_dE"] for r in runs}) == 3
+        assert row["force_evaluations"] == sum(r["force_evaluations"] for r in runs)
+        assert row["accepted_steps"] == sum(r["accepted_steps"] for r in runs)
+        assert row["max_rel_dE"] == sorted(r["max_rel_dE"] for r in runs)[1]
+    bad = subprocess.run([sys.executable, script, "--quick", "--plummer-spheres", "0", "--out", str(tmp_path / "no")],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "--plummer-spheres must be at least 1" in bad.stderr
+    assert not (tmp_path / "no").exists()

@@ -1,12 +1,17 @@
 """Work-precision benchmark (issue 15): long-horizon energy error against force evaluations.
 
     python benchmarks/science/work_precision.py --kepler RUN [--three-body RUN] [--plummer RUN]
-        [--out DIR] [--tolerances 5e-5,2e-4,8e-4] [--problems kepler-0.9,figure8] [--quick]
+        [--out DIR] [--tolerances 5e-5,2e-4,8e-4] [--problems kepler-0.9,figure8] [--plummer-spheres 5]
+        [--quick]
 
 Problems: Kepler e = 0.5, 0.9, 0.99 (a = 1, equal masses, from apocentre) over 1000 periods,
-the figure-eight over 100 periods, a held-out Plummer sphere of 16 bodies (softening of the
-N = 16 model, else 0.01) over 10 crossing times (t_cr = 2 sqrt(2) in Henon units). Policies,
-each at every per-step tolerance:
+the figure-eight over 100 periods, held-out Plummer spheres of 16 bodies (softening of the
+N = 16 model, else 0.01) over 10 crossing times (t_cr = 2 sqrt(2) in Henon units). A 16-body
+sphere is chaotic over that horizon: which close encounters a run meets, and so its cost and
+error, change with the policy, so one sphere gives anecdotes. --plummer-spheres K (default 5)
+runs K spheres and reports, per policy and tolerance, their summed force evaluations and the
+median of each energy figure (the per-sphere rows are kept in the JSON). Policies, each at every
+per-step tolerance:
 
 - learned, learned-sym: the network of the problem's N (plain, and the time-symmetric step of
   model/symmetric.py), its dt scaled by (tolerance / trained tolerance)^(1/3) (the dt^3 law of
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,26 +62,29 @@ CROSSING_TIME = 2 * math.sqrt(2)
 @dataclass(frozen=True)
 class Case:
     name: str
-    problem: Problem
+    problems: tuple[Problem, ...]
+    """One problem, or an ensemble whose runs are aggregated into one row (see `aggregate`)."""
     unit: float
     """One period (Kepler, figure-eight) or crossing time (Plummer): the horizon's unit."""
     n_bodies: int
 
 
-def make_cases(names: list[str], quick: bool, kepler_periods: float, plummer_softening: float) -> list[Case]:
+def make_cases(names: list[str], quick: bool, kepler_periods: float, plummer_softening: float,
+               plummer_spheres: int) -> list[Case]:
     cases = []
     for name in names:
         if name.startswith("kepler-"):
             periods = 2.0 if quick else kepler_periods
             p = make_problem("kepler", e=float(name.split("-")[1]), periods=periods)
-            cases.append(Case(name, p, p.t_end / periods, 2))
+            cases.append(Case(name, (p,), p.t_end / periods, 2))
         elif name == "figure8":
             periods = 0.5 if quick else 100.0
-            cases.append(Case(name, make_problem("figure8", periods=periods), ics.FIGURE_EIGHT_PERIOD, 3))
+            cases.append(Case(name, (make_problem("figure8", periods=periods),), ics.FIGURE_EIGHT_PERIOD, 3))
         elif name == "plummer16":
             t_end = 0.05 if quick else 10 * CROSSING_TIME
-            p = make_problem("plummer", n=16, seed=B.HELD_OUT_SEED, t_end=t_end, softening=plummer_softening, dim=3)
-            cases.append(Case(name, p, CROSSING_TIME, 16))
+            spheres = tuple(make_problem("plummer", n=16, seed=B.HELD_OUT_SEED + k, t_end=t_end,
+                                         softening=plummer_softening, dim=3) for k in range(plummer_spheres))
+            cases.append(Case(name, spheres, CROSSING_TIME, 16))
         else:
             raise SystemExit(f"unknown problem {name!r} (choose from {', '.join(PROBLEMS)})")
     return cases
@@ -125,14 +134,38 @@ class EnergyTrace:
 
 
 def tune_eta(case: Case, tol: float) -> float:
-    """The tuned free-fall eta on the first 1 % of the horizon (at least one period)."""
-    p = case.problem
-    head = Problem(p.state, min(p.t_end, max(0.01 * p.t_end, case.unit)), p.gravity)
-    return B.tune_freefall_eta([head], tol)
+    """The tuned free-fall eta on the first 1 % of the horizon (at least one period), one eta for
+    every problem of the case."""
+    heads = [Problem(p.state, min(p.t_end, max(0.01 * p.t_end, case.unit)), p.gravity) for p in case.problems]
+    return B.tune_freefall_eta(heads, tol)
 
 
-def run_one(case: Case, name: str, tol: float, learned: tuple | None, eta: float | None) -> dict:
-    p = case.problem
+def run_case(case: Case, name: str, tol: float, learned: tuple | None, eta: float | None) -> dict:
+    """One policy at one tolerance on the case: its row, aggregated over an ensemble."""
+    runs = [run_one(p, name, tol, learned, eta) for p in case.problems]
+    return runs[0] if len(runs) == 1 else aggregate(runs)
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """The ensemble's row: summed counts and wall time, steps over the tolerance pooled, the median of
+    every energy figure and drift rate; the per-problem rows under "runs"."""
+    def median(key: str) -> float | None:
+        values = [r[key] for r in runs if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    def total(key: str) -> int | float | None:
+        return None if any(r[key] is None for r in runs) else sum(r[key] for r in runs)
+
+    over = sum(r["pct_over_tolerance"] * r["accepted_steps"] / 100.0 for r in runs)
+    return {"policy": runs[0]["policy"], "tolerance": runs[0]["tolerance"], "eta": runs[0]["eta"],
+            "force_evaluations": total("force_evaluations"), "accepted_steps": total("accepted_steps"),
+            "pct_over_tolerance": 100.0 * over / total("accepted_steps"),
+            **{key: median(key) for key in ("final_rel_dE", "max_rel_dE", "max_rel_dE_first_1pct",
+                                            "max_rel_dE_last_10pct", "drift_rate")},
+            "wall_s": total("wall_s"), "network_calls": total("network_calls"), "runs": runs}
+
+
+def run_one(p: Problem, name: str, tol: float, learned: tuple | None, eta: float | None) -> dict:
     kwargs: dict = {}
     if name.startswith("learned"):
         model, criteria, cfg = learned
@@ -184,7 +217,9 @@ def plot(case: Case, rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("force evaluations")
     ax.set_ylabel("max |dE/E| over the run")
-    ax.set_title(f"{case.name}, t_end = {case.problem.t_end / case.unit:g} x {'t_cr' if case.n_bodies > 3 else 'T'}")
+    spheres = f", median of {len(case.problems)}" if len(case.problems) > 1 else ""
+    ax.set_title(f"{case.name}, t_end = {case.problems[0].t_end / case.unit:g} x "
+                 f"{'t_cr' if case.n_bodies > 3 else 'T'}{spheres}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -223,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--problems", default=",".join(PROBLEMS), help="comma-separated subset of " + ",".join(PROBLEMS))
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
     ap.add_argument("--kepler-periods", type=float, default=1000.0, help="Kepler horizon in periods (default 1000)")
+    ap.add_argument("--plummer-spheres", type=int, default=5,
+                    help="Plummer spheres in the plummer16 ensemble (default 5; 1: the first sphere alone)")
     ap.add_argument("--quick", action="store_true", help="tiny horizons and one tolerance (2e-4): a smoke run")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = ap.parse_args(argv)
@@ -236,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         if source:
             models[n] = B.load_checkpoint(source)
     softening = models[16][2].physics.softening if 16 in models else 0.01
-    cases = make_cases([p for p in args.problems.split(",") if p], args.quick, args.kepler_periods, softening)
+    if args.plummer_spheres < 1:
+        ap.error(f"--plummer-spheres must be at least 1, got {args.plummer_spheres}")
+    cases = make_cases([p for p in args.problems.split(",") if p], args.quick, args.kepler_periods, softening,
+                       args.plummer_spheres)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
@@ -249,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 learned = models.get(case.n_bodies)
                 if name.startswith("learned") and learned is None:
                     continue
-                rows.append(run_one(case, name, tol, learned, eta if name == "freefall" else None))
+                rows.append(run_case(case, name, tol, learned, eta if name == "freefall" else None))
                 save(out, tolerances, args, results)
                 r = rows[-1]
                 print(f"{case.name:<12} {name:<11} tol={tol:<7g} evals={r['force_evaluations']:<8} "
