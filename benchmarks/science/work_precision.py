@@ -268,13 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     policies = [p for p in args.policies.split(",") if p]
     if set(policies) - set(POLICIES):
         ap.error(f"unknown policies {sorted(set(policies) - set(POLICIES))}")
+    if args.plummer_spheres < 1:
+        ap.error(f"--plummer-spheres must be at least 1, got {args.plummer_spheres}")
     models = {}
     for n, source in ((2, args.kepler), (3, args.three_body), (16, args.plummer)):
         if source:
             models[n] = B.load_checkpoint(source)
     softening = models[16][2].physics.softening if 16 in models else 0.01
-    if args.plummer_spheres < 1:
-        ap.error(f"--plummer-spheres must be at least 1, got {args.plummer_spheres}")
     cases = make_cases([p for p in args.problems.split(",") if p], args.quick, args.kepler_periods, softening,
                        args.plummer_spheres)
     out = Path(args.out)
