@@ -75,7 +75,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--t-end", type=_positive("--t-end"), help="end time (Pythagorean and Plummer default 10)")
     p.add_argument("--dt", type=_positive("--dt"), help="fixed policy: the step")
     p.add_argument("--eta", type=_positive("--eta"), help="freefall policy: dt = eta * min pair free-fall time")
-    p.add_argument("--safety", type=_positive("--safety"), default=0.9, help="controller safety factor (default 0.9)")
+    p.add_argument("--safety", type=_positive("--safety"), default=0.9,
+                   help="controller and series safety factor (default 0.9)")
     p.add_argument("--checkpoint", help="learned policy: a checkpoint file or a run URL (its latest checkpoint)")
     p.add_argument("--symmetric", action="store_true",
                    help="learned policy: the time-symmetric (reversible) step, for long integrations")

@@ -11,12 +11,12 @@ from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.model.history import History
 from nbody_dt.model.network import DtNetwork
 from nbody_dt.model.symmetric import SymmetricLearnedPolicy
-from nbody_dt.physics.policies import Advance, DtPolicy, FixedDt, FreeFall, Oracle, StepController
+from nbody_dt.physics.policies import Advance, DtPolicy, ErrorSeries, FixedDt, FreeFall, Oracle, StepController
 from nbody_dt.physics.problems import Problem
 from nbody_dt.physics.simulate import SimulationResult, simulate
 from nbody_dt.physics.state import State
 
-POLICIES = ("fixed", "freefall", "controller", "oracle", "learned")
+POLICIES = ("fixed", "freefall", "controller", "series", "oracle", "learned")
 
 
 @dataclass
@@ -51,6 +51,8 @@ def make_policy(name: str, problem: Problem, threshold: float, *, dt: float | No
         return FreeFall(eta, g)
     if name == "controller":
         return StepController(threshold, g, safety=safety)
+    if name == "series":
+        return ErrorSeries(threshold, g, safety=safety)
     if name == "oracle":
         return Oracle(threshold, g)
     if name == "learned":

@@ -1,4 +1,4 @@
-"""Classical dt policies: fixed, pairwise free-fall, reject/retry controller, per-step oracle.
+"""Classical dt policies: fixed, pairwise free-fall, reject/retry controller, error series, per-step oracle.
 
 A policy advances one system (B = 1) by one accepted step and reports what it cost.
 The learned policy (model layer) follows the same protocol.
@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from nbody_dt.physics.error_series import error_series_dt
 from nbody_dt.physics.gravity import Gravity, min_freefall_time, total_energy
 from nbody_dt.physics.integrator import kdk_step, relative_energy_error, step_error
 from nbody_dt.physics.state import State
@@ -100,6 +101,23 @@ class StepController:
                     self.next_dt = dt * factor
                 return Advance(after, dt, err, tries)
             self.next_dt = dt * factor  # factor <= safety < 1 whenever err >= tolerance
+
+
+@dataclass
+class ErrorSeries:
+    """dt = safety x the dt at which the Taylor series (in dt, to `order`) of the step's own energy
+    error reaches the tolerance: a predictor from the start state, one force evaluation a step (the
+    series' arithmetic, a few force evaluations' worth, is not counted; benchmarks/README.md)."""
+
+    tolerance: float
+    gravity: Gravity
+    safety: float = 0.9
+    order: int = 12
+
+    def advance(self, state: State, max_dt: float) -> Advance:
+        dt = min(self.safety * float(error_series_dt(state, self.gravity, self.tolerance, self.order)[0]), max_dt)
+        after, err = _one_step(state, dt, self.gravity)
+        return Advance(after, dt, err, 1)
 
 
 def oracle_dt(
