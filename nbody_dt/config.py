@@ -119,6 +119,12 @@ class ModelConfig(Section):
             "with the same hidden widths and activation: its dt of each pair alone, the pairs' errors added by "
             "energy share, is the base this network learns to correct; copied into this run's checkpoints at the "
             "fresh start and never trained. Empty: the base is the smallest pair free-fall time")
+    error_series: Int = opt(
+        0, "set: order (>= 3) of the Taylor series in dt of the KDK step's energy error, computed from the start "
+           "state alone (no trial step): the dt at which it reaches collect.energy_threshold is the base the network "
+           "corrects, starting at the centre of loss.dt_fraction_range times it (order 12 finds the oracle's dt "
+           "to < 1 % on the validation systems: benchmarks/README.md). 0: off (the base is the pair "
+           "prior's dt, or the smallest pair free-fall time)", ge=0, le=16)
     activation: Literal["relu", "tanh", "silu", "gelu", "softplus"] = opt("silu", "hidden activation")
     features: Literal["basic", "rich", "delta_mag"] = opt(
         "rich", "input features: basic (normalized coordinates), rich (scale-free pair features), delta_mag (rich + "
@@ -248,6 +254,12 @@ class Config(Section):
             raise ValueError("model.history_len: the set network takes no history (set it to 0)")
         if self.model.pair_prior and self.model.kind != "set":
             raise ValueError("model.pair_prior: only the set network (model.kind = 'set') takes a pair prior")
+        if self.model.error_series and (self.model.kind != "set" or self.model.pair_prior):
+            raise ValueError("model.error_series: only the set network without a pair prior takes the error series "
+                             "as its base")
+        if 0 < self.model.error_series < 3:
+            raise ValueError(f"model.error_series: the KDK step's error starts at dt^3, so the order must be 0 or at "
+                             f"least 3, got {self.model.error_series}")
         if self.model.kind == "set" and self.model.output != "log_freefall":
             raise ValueError("model.output: the set network predicts log(dt / t_ff); set it to 'log_freefall'")
         if ic.kind == "mixture":

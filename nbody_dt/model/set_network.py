@@ -24,6 +24,10 @@ Which pairs are encoded is configurable (model.pairs): all N(N-1)/2, the k tight
 With a pair prior (model.pair_prior, `PairPrior`) the head's output corrects the prior's dt instead
 of t_min: a frozen two-body network read on every pair alone, the pairs' errors added by energy
 share, dt = (sum_p share_p dt_p^-3)^(-1/3); for one pair it is the two-body network itself.
+
+With an error series (model.error_series, `nbody_dt.physics.error_series`) the base is instead the
+dt at which the Taylor series of the step's own energy error reaches the threshold: physics that
+predicts the oracle's dt from the start state, which the network learns to correct.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from torch import nn
 from nbody_dt.config import Config
 from nbody_dt.model.history import History
 from nbody_dt.model.network import ACTIVATIONS, LOG_DT_BOUND, DtNetwork
+from nbody_dt.physics.error_series import energy_error_series, series_dt
 from nbody_dt.physics.gravity import Gravity, accelerations, kinetic_energy, potential_energy
 from nbody_dt.physics.state import State
 
@@ -227,13 +232,15 @@ class SetDtNetwork(nn.Module):
 
     def __init__(self, hidden: list[int], activation: str, gravity: Gravity, pairs: str = "all", pair_k: int = 8,
                  initial_dt: float = 0.04, dtype: torch.dtype = torch.float64, pooling: str = "attention",
-                 pair_prior: bool = False):
+                 pair_prior: bool = False, error_series: int = 0, threshold: float = 2e-4,
+                 series_fraction: float = 0.87):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)})")
         self.gravity, self.pairs, self.pair_k, self.pooling = gravity, pairs, pair_k, pooling
         self.history_len = 0
         self.output = "log_freefall"
+        self.error_series, self.threshold = error_series, threshold
         act = ACTIVATIONS[activation]
         layers: list[nn.Module] = []
         width = PAIR_FEATURES
@@ -242,11 +249,17 @@ class SetDtNetwork(nn.Module):
             width = h
         self.encoder = nn.Sequential(*layers)
         head = nn.Linear(width, 1, dtype=dtype)
-        # With a pair prior the network corrects the prior's dt and starts at no correction.
+        # With a pair prior the network corrects the prior's dt and starts at no correction. With an
+        # error series it only shortens the series' dt (`_log_dt`), starting at series_fraction of it in
+        # every state: the series finds the oracle's dt, so the network learns only where it misses.
         self.prior = PairPrior(hidden, activation, dtype) if pair_prior else None
         with torch.no_grad():
-            head.weight.mul_(0.1)
-            head.bias.fill_(0.0 if pair_prior else math.log(initial_dt))
+            if error_series:
+                head.weight.zero_()
+                head.bias.fill_(math.log(math.expm1(-math.log(series_fraction))))  # softplus(bias) = -log fraction
+            else:
+                head.weight.mul_(0.1)
+                head.bias.fill_(0.0 if pair_prior else math.log(initial_dt))
         # attention: the head reads the two pooled vectors; error_sum: each pair's encoding and the
         # summary of the rest.
         self.head = nn.Sequential(nn.Linear(2 * width, width, dtype=dtype), act(), head)
@@ -318,14 +331,22 @@ class SetDtNetwork(nn.Module):
             per_pair = feats[..., 3] + self.head(torch.cat([h, rest[:, None].expand_as(h)], -1))[..., 0]
             k = self.log_order.exp()
             out = -torch.logsumexp(_masked(-k * per_pair, mask), dim=1) / k
-        return self._log_base(pairs, rest) + LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
+        if self.error_series:
+            # the series' dt is where the step's error reaches the threshold: never step beyond it
+            return self._log_base(state, pairs, rest) - F.softplus(out)
+        return self._log_base(state, pairs, rest) + LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
 
-    def _log_base(self, pairs: PairSet, rest: torch.Tensor) -> torch.Tensor:
-        """log of the dt the network corrects: the smallest pair free-fall time, or with a pair prior
-        a learned share (the trust, in (0, 1)) of the way from it to the prior's dt, the dt at which
-        the pairs' errors, each (dt / dt_pair)^3 weighted by the pair's energy share, add up to the
-        threshold: dt = (sum_p share_p dt_p^-3)^(-1/3)."""
+    def _log_base(self, state: State, pairs: PairSet, rest: torch.Tensor) -> torch.Tensor:
+        """log of the dt the network corrects: the smallest pair free-fall time; with an error series
+        the dt at which the series of the step's energy error reaches the threshold; or with a pair
+        prior a learned share (the trust, in (0, 1)) of the way from t_min to the prior's dt, the dt
+        at which the pairs' errors, each (dt / dt_pair)^3 weighted by the pair's energy share, add up
+        to the threshold: dt = (sum_p share_p dt_p^-3)^(-1/3)."""
         log_t_min = torch.log(pairs.t_min)
+        if self.error_series:
+            with torch.no_grad():  # physics of the state: nothing to learn through it
+                coefficients = energy_error_series(state, self.gravity, self.error_series)
+                return torch.log(series_dt(coefficients, self.threshold, pairs.t_min))
         if self.prior is None:
             return log_t_min
         log_dt_pair = torch.log(pairs.t_ff) + self.prior(pairs.features)
@@ -343,5 +364,7 @@ def build_network(cfg: Config, num_bodies: int) -> DtNetwork | SetDtNetwork:
     m = cfg.model
     if m.kind == "set":
         return SetDtNetwork(list(m.hidden), m.activation, Gravity(cfg.physics.G, cfg.physics.softening), m.pairs,
-                            m.pair_k, m.initial_dt, cfg.torch_dtype, m.pooling, pair_prior=bool(m.pair_prior))
+                            m.pair_k, m.initial_dt, cfg.torch_dtype, m.pooling, pair_prior=bool(m.pair_prior),
+                            error_series=m.error_series, threshold=cfg.collect.energy_threshold,
+                            series_fraction=math.sqrt(cfg.loss.dt_fraction_range[0] * cfg.loss.dt_fraction_range[1]))
     return DtNetwork.from_config(cfg, num_bodies)
