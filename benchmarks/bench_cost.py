@@ -4,7 +4,8 @@
                                     [--pairs all,per_body,system] [--wall-n 64] [--device cpu]
 
 Part 1, per N (Plummer spheres, softening 0.01): the median time of one network evaluation
-(`log_dt` of the set network: pair features incl. the tidal field, encoder, pooling), one
+(`log_dt` of the set network: pair features incl. the tidal field, encoder, pooling; with
+model.error_series also the series of the step's error, timed alone as well), one
 direct-summation force evaluation (`accelerations`) and one energy evaluation (`total_energy`)
 of the same batch, for each pair selection (all pairs, the k tightest of each body, the k
 tightest of the system). A KDK step costs one force evaluation; the reject/retry controller
@@ -36,6 +37,7 @@ from machine import cpu_model  # noqa: E402
 from nbody_dt.config import load  # noqa: E402
 from nbody_dt.model.set_network import SetDtNetwork, build_network  # noqa: E402
 from nbody_dt.physics import initial_conditions as ics  # noqa: E402
+from nbody_dt.physics.error_series import error_series_dt  # noqa: E402
 from nbody_dt.physics.gravity import Gravity, accelerations, min_freefall_time, total_energy  # noqa: E402
 from nbody_dt.physics.integrator import kdk_step, relative_energy_error  # noqa: E402
 
@@ -72,6 +74,10 @@ def per_n_costs(model: SetDtNetwork, ns: list[int], batch: int, selections: list
         force = timed(lambda: accelerations(state.position, state.mass, g), device, repeats)
         energy = timed(lambda: total_energy(state, g), device, repeats)
         row = {"n": n, "batch": batch, "force_ms": 1e3 * force, "energy_ms": 1e3 * energy, "network": {}}
+        if model.error_series:  # the network's base alone: the series of the step's error and its dt
+            series = timed(lambda: error_series_dt(state, g, model.threshold, model.error_series), device,
+                           max(3, repeats // 4))
+            row["series"] = {"ms": 1e3 * series, "x_force": series / force}
         for how in selections:
             if how == "all" and n > max_all_n:
                 continue
@@ -81,6 +87,8 @@ def per_n_costs(model: SetDtNetwork, ns: list[int], batch: int, selections: list
             row["network"][how] = {"ms": 1e3 * t, "x_force": t / force}
         rows.append(row)
         print(f"N={n:5d}  force {1e3 * force:9.3f} ms  energy {1e3 * energy:9.3f} ms  "
+              + (f"series {row['series']['ms']:9.3f} ms ({row['series']['x_force']:.2f}x force)  " if "series" in row
+                 else "")
               + "  ".join(f"net[{h}] {v['ms']:9.3f} ms ({v['x_force']:.2f}x force)" for h, v in row["network"].items()),
               flush=True)
     return rows

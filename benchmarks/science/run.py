@@ -4,14 +4,17 @@ tuned free-fall criterion, on held-out initial conditions.
     python benchmarks/science/run.py --checkpoint PATH|RUN [--quick] [--json OUT]
 
 For a checkpoint file (or a run URL: its newest intact checkpoint) it simulates held-out
-systems with four policies and prints one table:
+systems with five policies and prints one table:
 
 - learned:    the network's dt as a pure predictor (no rejection, one force evaluation a step);
 - oracle:     the per-step oracle, the largest dt whose single-step |dE/E| stays below the
               tolerance (an idealized cost: one force evaluation a step, its search not counted);
 - controller: reject/retry control on the single-step error (every try costs a force evaluation);
 - freefall:   dt = eta * min pair free-fall time, eta tuned per set by this script to the largest
-              value (to 2 %) with no step over the tolerance on any system of the set.
+              value (to 2 %) with no step over the tolerance on any system of the set;
+- series:     0.9 x the dt at which the Taylor series of the step's own energy error reaches the
+              tolerance (physics/error_series.py: model-free, one force evaluation a step, its
+              arithmetic not counted), the physics a set network with model.error_series corrects.
 
 Held-out sets depend on the model's number of bodies N (an MLP has a fixed input size; every set
 then uses the model's G, softening and dim, configs/plummer16.toml: softening 0.01). A set network
@@ -58,7 +61,7 @@ from nbody_dt.physics.problems import Problem, make_problem
 from nbody_dt.physics.state import State
 from nbody_dt.training.setup import initial_states
 
-POLICIES = ("learned", "oracle", "controller", "freefall")
+POLICIES = ("learned", "oracle", "controller", "freefall", "series")
 HELD_OUT_SEED = 1_000_003
 """Seed of the held-out ensembles (training seeds are small integers)."""
 
