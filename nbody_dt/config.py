@@ -121,10 +121,11 @@ class ModelConfig(Section):
             "fresh start and never trained. Empty: the base is the smallest pair free-fall time")
     error_series: Int = opt(
         0, "set: order (>= 3) of the Taylor series in dt of the KDK step's energy error, computed from the start "
-           "state alone (no trial step): the dt at which it reaches collect.energy_threshold is the base the network "
-           "corrects, starting at the centre of loss.dt_fraction_range times it (order 12 finds the oracle's dt "
-           "to < 1 % on the validation systems: benchmarks/README.md). 0: off (the base is the pair "
-           "prior's dt, or the smallest pair free-fall time)", ge=0, le=16)
+           "state alone (no trial step): the dt at which it reaches collect.energy_threshold is the base, which the "
+           "network may only shorten, starting at the centre of loss.dt_fraction_range times it (order 12 finds "
+           "the oracle's dt to < 1 % on the validation systems: benchmarks/README.md). Not with a pair prior or "
+           "the error_sum pooling. 0: off (the base is the pair prior's dt, or the smallest pair free-fall time)",
+        ge=0, le=16)
     activation: Literal["relu", "tanh", "silu", "gelu", "softplus"] = opt("silu", "hidden activation")
     features: Literal["basic", "rich", "delta_mag"] = opt(
         "rich", "input features: basic (normalized coordinates), rich (scale-free pair features), delta_mag (rich + "
@@ -254,9 +255,10 @@ class Config(Section):
             raise ValueError("model.history_len: the set network takes no history (set it to 0)")
         if self.model.pair_prior and self.model.kind != "set":
             raise ValueError("model.pair_prior: only the set network (model.kind = 'set') takes a pair prior")
-        if self.model.error_series and (self.model.kind != "set" or self.model.pair_prior):
-            raise ValueError("model.error_series: only the set network without a pair prior takes the error series "
-                             "as its base")
+        if self.model.error_series and (self.model.kind != "set" or self.model.pair_prior
+                                        or self.model.pooling != "attention"):
+            raise ValueError("model.error_series: only the set network with the attention pooling and without a pair "
+                             "prior takes the error series as its base")
         if 0 < self.model.error_series < 3:
             raise ValueError(f"model.error_series: the KDK step's error starts at dt^3, so the order must be 0 or at "
                              f"least 3, got {self.model.error_series}")

@@ -106,8 +106,9 @@ def test_the_set_network_corrects_the_series_dt_and_stays_permutation_invariant(
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.error_series=8"], "only the set network without a pair prior"),
-    (["model.kind='set'", "model.error_series=8", "model.pair_prior='x.pt'"], "only the set network without a pair"),
+    (["model.error_series=8"], "only the set network with the attention pooling"),
+    (["model.kind='set'", "model.error_series=8", "model.pair_prior='x.pt'"], "without a pair prior"),
+    (["model.kind='set'", "model.error_series=8", "model.pooling='error_sum'"], "with the attention pooling"),
     (["model.kind='set'", "model.error_series=2"], "order must be 0 or at least 3, got 2"),
 ])
 def test_config_refuses_an_error_series_it_cannot_use_in_one_line(overrides, message):
