@@ -88,7 +88,7 @@ def series_dt(coefficients: torch.Tensor, threshold: float, scale: torch.Tensor,
     """The first dt at which |sum_k c_k dt^k| reaches `threshold`, the smallest over the series truncated
     at each of its last `truncations` orders: a geometric scan of `points` trial steps spanning `span`
     times `scale` (B,), then bisection of the bracket; the top of the span if the series never
-    reaches it. Shape (B,)."""
+    reaches it, and a dt within a factor 2 below its bottom if it already does there. Shape (B,)."""
     b, terms = coefficients.shape
     truncations = max(1, min(truncations, terms - 3))
     orders = torch.arange(terms, device=coefficients.device)
