@@ -107,7 +107,8 @@ class StepController:
 class ErrorSeries:
     """dt = safety x the dt at which the Taylor series (in dt, to `order`) of the step's own energy
     error reaches the tolerance: a predictor from the start state, one force evaluation a step (the
-    series' arithmetic, a few force evaluations' worth, is not counted; benchmarks/README.md)."""
+    series' arithmetic, 10-60 force evaluations' worth of wall time on a CPU, is not counted, as the
+    network's is not for the learned policy; benchmarks/README.md, "An error series")."""
 
     tolerance: float
     gravity: Gravity
