@@ -95,7 +95,7 @@ def series_dt(coefficients: torch.Tensor, threshold: float, scale: torch.Tensor,
     keep = orders[None, :] < terms - orders[:truncations, None]  # truncation t drops the top t terms
     coefficients = (coefficients[:, None, :] * keep.to(coefficients.dtype)).reshape(b * truncations, terms)
     scale = scale.repeat_interleave(truncations)
-    k = torch.arange(coefficients.shape[-1], dtype=coefficients.dtype, device=coefficients.device)
+    k = orders.to(coefficients.dtype)
 
     def error(h: torch.Tensor) -> torch.Tensor:  # h (B, P) -> |series| (B, P)
         return (coefficients[:, None, :] * h[..., None].pow(k)).sum(-1).abs()
