@@ -16,65 +16,82 @@ import math
 
 import torch
 
-from nbody_dt.physics.gravity import Gravity, _pair_geometry, accelerations, min_freefall_time, total_energy
+from nbody_dt.physics.crossing import first_crossing
+from nbody_dt.physics.gravity import Gravity, min_freefall_time
 from nbody_dt.physics.state import State
 
 
-def _series_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cauchy product of two truncated series (coefficients on the last axis, same length)."""
-    k = a.shape[-1]
-    return torch.stack([sum(a[..., j] * b[..., n - j] for j in range(n + 1)) for n in range(k)], -1)
-
-
-def _series_pow(s: list[torch.Tensor], alpha: float, terms: int) -> torch.Tensor:
-    """(s_0 + s_1 h + ... + s_d h^d)^alpha to `terms` coefficients (s_0 > 0): from f' s = alpha s' f,
-    f_n = sum_{j=1..min(n,d)} (alpha j - (n - j)) s_j f_{n-j} / (n s_0)."""
-    f = [s[0].pow(alpha)]
-    inverse = 1.0 / s[0]
-    for n in range(1, terms):
-        f.append(sum((alpha * j - (n - j)) * s[j] * f[n - j] for j in range(1, min(n, len(s) - 1) + 1))
-                 * (inverse / n))
-    return torch.stack(f, -1)
-
-
-def _shift(series: torch.Tensor, by: int) -> torch.Tensor:
-    """h^by times a truncated series (coefficients on the last axis), truncated again."""
-    return torch.cat([torch.zeros_like(series[..., :by]), series[..., :-by]], -1)
+def _antidiagonals(terms: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(terms^2, terms) of 0/1: entry (a, b) of a Gram matrix of two series adds to order a + b."""
+    k = torch.arange(terms, device=device)
+    return (k[:, None, None] + k[None, :, None] == k[None, None, :]).reshape(terms * terms, terms).to(dtype)
 
 
 def energy_error_series(state: State, gravity: Gravity, order: int = 12) -> torch.Tensor:
     """Taylor coefficients c_0..c_order of (E(KDK step by h) - E0) / |E0| in h, shape (B, order + 1).
 
-    c_0, c_1 and c_2 vanish up to round-off (the step is second order). Padding (zero mass) is
-    ignored as everywhere in physics.
+    c_0 is 0 and c_1, c_2 vanish up to round-off (the step is second order). Padding (zero mass) is
+    ignored as everywhere in physics. Each pair i < j is expanded once, its coefficients first and the
+    pairs along the last axis (contiguous arithmetic, few torch ops); the sums over bodies are
+    matrix products.
     """
     x, v, m = state.position, state.velocity, state.mass
-    a0 = accelerations(x, m, gravity)
+    b, n, d = x.shape
     terms = order + 1
-    # the separation x_j - x_i as a polynomial in h, dx0 + dx1 h + dx2 h^2, and s = |dx|^2 + eps^2
-    dx0, r2, real = _pair_geometry(x, m, gravity.softening)
-    dx1 = v[:, None, :, :] - v[:, :, None, :]
-    dx2 = 0.5 * (a0[:, None, :, :] - a0[:, :, None, :])
+    i, j = torch.triu_indices(n, n, offset=1, device=x.device)
+    mi, mj = m[:, i], m[:, j]
+    real = (mi != 0) & (mj != 0)
 
-    def dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return torch.where(real, (p * q).sum(-1), torch.zeros_like(r2))
+    def symmetric(pairs: torch.Tensor) -> torch.Tensor:
+        """(..., P) values of the pairs i < j as symmetric (..., N, N) matrices, 0 on the diagonal."""
+        out = pairs.new_zeros(pairs.shape[:-1] + (n, n))
+        out[..., i, j] = pairs
+        out[..., j, i] = pairs
+        return out
 
-    s = [r2, 2 * dot(dx0, dx1), dot(dx1, dx1) + 2 * dot(dx0, dx2), 2 * dot(dx1, dx2), dot(dx2, dx2)]
-    mm = torch.where(real, m[:, :, None] * m[:, None, :], torch.zeros_like(r2))
-    potential = -0.5 * gravity.G * torch.einsum("bij,bijk->bk", mm, _series_pow(s, -0.5, terms))
-    # the end kick's force a(x1(h)) = G sum_j m_j dx(h) s(h)^(-3/2), (B, N, D, K)
-    weight = torch.where(real, m[:, None, :], torch.zeros_like(r2))[..., None] * _series_pow(s, -1.5, terms)
-    end_force = gravity.G * (torch.einsum("bijd,bijk->bidk", dx0, weight)
-                             + _shift(torch.einsum("bijd,bijk->bidk", dx1, weight), 1)
-                             + _shift(torch.einsum("bijd,bijk->bidk", dx2, weight), 2))
-    # v1(h) = v + h (a0 + a(x1(h))) / 2
-    v1 = _shift(0.5 * end_force, 1)
-    v1 = v1 + torch.stack([v, 0.5 * a0] + [torch.zeros_like(v)] * (terms - 2), -1)
-    kinetic = 0.5 * torch.einsum("bi,bik->bk", m, _series_mul(v1, v1).sum(-2))
-    e0 = total_energy(state, gravity)
-    error = kinetic + potential
-    error = torch.cat([error[:, :1] - e0[:, None], error[:, 1:]], -1)
-    return error / e0.abs()[:, None]
+    def separation(q: torch.Tensor) -> torch.Tensor:
+        """q_j - q_i of every pair, (D, B, P)."""
+        q = q.permute(2, 0, 1)
+        return q[..., j] - q[..., i]
+
+    dx0 = separation(x)
+    s0 = torch.where(real, (dx0 * dx0).sum(0) + gravity.softening ** 2, torch.ones_like(mi))
+    # the start force from the same pairs: a_i = G sum_j m_j (x_j - x_i) / s^(3/2)
+    pull = symmetric(torch.where(real, s0.pow(-1.5), torch.zeros_like(s0))) * m[:, None, :]
+    a0 = gravity.G * (pull @ x - pull.sum(-1, keepdim=True) * x)
+    # the separation as a polynomial in h, dx0 + dx1 h + dx2 h^2, (3, D, B, P), and s = |dx|^2 + eps^2
+    dx = torch.stack([dx0, separation(v), 0.5 * separation(a0)])
+    dot = (dx[:, None] * dx[None, :]).sum(2)  # (3, 3, B, P)
+    s = torch.stack([s0, 2 * dot[0, 1], dot[1, 1] + 2 * dot[0, 2], 2 * dot[1, 2], dot[2, 2]])
+    # s^alpha for alpha = -1/2 (the potential) and -3/2 (the end kick's force), both at once, by the
+    # power recurrence f_k = sum_{j=1..4} (alpha j - (k - j)) s_j f_{k-j} / (k s_0); f[:4] are the
+    # zeros that f_{k-j} reads for j > k
+    alpha = torch.tensor([-0.5, -1.5], dtype=x.dtype, device=x.device)[:, None, None]
+    f = x.new_empty((terms + 4, 2) + s0.shape)
+    f[:4] = 0.0
+    f[4] = s0.pow(alpha)
+    ratio = (s[1:] / s0).flip(0)[:, None]  # s_4 / s_0 .. s_1 / s_0, (4, 1, B, P)
+    j_back = torch.arange(4, 0, -1, dtype=x.dtype, device=x.device)[:, None, None, None]
+    for k in range(1, terms):
+        f[k + 4] = ((alpha * j_back - (k - j_back)) / k * ratio * f[k:k + 4]).sum(0)
+    f = f[4:] * real  # (K, 2, B, P)
+    potential = -gravity.G * (f[:, 0] * (mi * mj)).sum(-1)  # (K, B)
+    # the end kick's force a(x1(h)) = G sum_j m_j dx(h) s(h)^(-3/2): with (q_0, q_1, q_2) = (x, v, a0 / 2),
+    # dx's coefficient c is q_c,j - q_c,i, and sum_j w_ij (q_j - q_i) = (w q)_i - (sum_j w_ij) q_i
+    weight = symmetric(f[:, 1]) * m[:, None, :]  # (K, B, N, N)
+    q = torch.stack([x, v, 0.5 * a0], -2).reshape(b, n, 3 * d)
+    pulled = (weight @ q - weight.sum(-1, keepdim=True) * q).reshape(terms, b, n, 3, d)
+    end_force = pulled[:, :, :, 0].clone()  # (K, B, N, D): the h^c of dx shifts its terms up by c
+    end_force[1:] += pulled[:-1, :, :, 1]
+    end_force[2:] += pulled[:-2, :, :, 2]
+    # v1(h) = v + h (a0 + a(x1(h))) / 2, and the kinetic energy from the Gram matrix of its terms
+    v1 = torch.cat([v[None], 0.5 * a0[None], x.new_zeros((terms - 2, b, n, d))])
+    v1[1:] += 0.5 * gravity.G * end_force[:-1]
+    momentum = (0.5 * m[:, :, None] * v1).reshape(terms, b, n * d).transpose(0, 1)  # (B, K, N D)
+    gram = torch.bmm(momentum, v1.reshape(terms, b, n * d).permute(1, 2, 0))  # (B, K, K)
+    kinetic = gram.reshape(b, terms * terms) @ _antidiagonals(terms, x.dtype, x.device)
+    energy = kinetic + potential.T  # E(h) - E0 has no h^0 term: E(0) is E0 itself
+    return torch.cat([torch.zeros_like(energy[:, :1]), energy[:, 1:]], -1) / energy[:, :1].abs()
 
 
 TRUNCATIONS = 5
@@ -84,35 +101,30 @@ its radius of convergence), and the smallest is the cautious reading (benchmarks
 
 
 def series_dt(coefficients: torch.Tensor, threshold: float, scale: torch.Tensor, truncations: int = TRUNCATIONS,
-              span: tuple[float, float] = (1e-3, 10.0), points: int = 160, refinements: int = 12) -> torch.Tensor:
+              span: tuple[float, float] = (1e-3, 10.0), points: int = 160, refinements: int = 2,
+              refine_points: int = 64) -> torch.Tensor:
     """The first dt at which |sum_k c_k dt^k| reaches `threshold`, the smallest over the series truncated
     at each of its last `truncations` orders: a geometric scan of `points` trial steps spanning `span`
-    times `scale` (B,), then bisection of the bracket; the top of the span if the series never
-    reaches it, and a dt within a factor 2 below its bottom if it already does there. Shape (B,)."""
+    times `scale` (B,), its bracket refined `refinements` times by `refine_points` interior steps (to
+    about 1e-5 of dt); the top of the span if the series never reaches it, and half its bottom if it
+    already does there. Shape (B,)."""
     b, terms = coefficients.shape
     truncations = max(1, min(truncations, terms - 3))
     orders = torch.arange(terms, device=coefficients.device)
     keep = orders[None, :] < terms - orders[:truncations, None]  # truncation t drops the top t terms
-    coefficients = (coefficients[:, None, :] * keep.to(coefficients.dtype)).reshape(b * truncations, terms)
-    scale = scale.repeat_interleave(truncations)
-    k = orders.to(coefficients.dtype)
+    truncated = coefficients[:, None, :] * keep.to(coefficients.dtype)  # (B, T, K)
+    rows = truncated.reshape(b * truncations, terms)
 
-    def error(h: torch.Tensor) -> torch.Tensor:  # h (B, P) -> |series| (B, P)
-        return (coefficients[:, None, :] * h[..., None].pow(k)).sum(-1).abs()
+    def error(h: torch.Tensor) -> torch.Tensor:  # h (B T, P) -> |series| (B T, P), through the powers of h
+        return (torch.linalg.vander(h, N=terms) @ rows[:, :, None])[..., 0].abs()
 
     factors = torch.logspace(math.log10(span[0]), math.log10(span[1]), points, dtype=scale.dtype,
                              device=scale.device)
     grid = scale[:, None] * factors[None, :]
-    fails = error(grid) >= threshold
-    rows = torch.arange(len(scale), device=scale.device)
-    first = torch.where(fails.any(1), fails.to(torch.int64).argmax(1), torch.full_like(rows, points - 1))
-    hi = grid[rows, first]
-    lo = torch.where(first > 0, grid[rows, (first - 1).clamp_min(0)], hi * 0.5)
-    for _ in range(refinements):
-        mid = torch.sqrt(lo * hi)
-        mid_fails = error(mid[:, None])[:, 0] >= threshold
-        lo, hi = torch.where(mid_fails, lo, mid), torch.where(mid_fails, mid, hi)
-    return torch.where(fails.any(1), lo, grid[:, -1]).reshape(b, truncations).min(1).values
+    scan = (torch.linalg.vander(grid, N=terms) @ truncated.transpose(1, 2)).abs()  # every truncation at once
+    fails = scan.transpose(1, 2).reshape(b * truncations, points) >= threshold
+    dt = first_crossing(error, grid.repeat_interleave(truncations, 0), fails, threshold, refinements, refine_points)
+    return dt.reshape(b, truncations).min(1).values
 
 
 def error_series_dt(state: State, gravity: Gravity, threshold: float, order: int = 12) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from nbody_dt.physics.crossing import first_crossing
 from nbody_dt.physics.error_series import error_series_dt
 from nbody_dt.physics.gravity import Gravity, min_freefall_time, total_energy
 from nbody_dt.physics.integrator import kdk_step, relative_energy_error, step_error
@@ -165,23 +166,7 @@ def oracle_dt(
         scale = torch.where(first_pass_fails, scale * span[0], scale)
         if bool((scale < t_ff * 1e-30).any()):
             raise FloatingPointError("oracle found no admissible dt (is the state singular?)")
-    any_fail = fails.any(1)
-    last = torch.full_like(t_ff, n_grid - 1, dtype=torch.int64)
-    first_fail = torch.where(any_fail, fails.to(torch.int64).argmax(1), last)
-    rows = torch.arange(b, device=state.device)
-    hi = grid[rows, first_fail]
-    lo = grid[rows, (first_fail - 1).clamp_min(0)]
-    for _ in range(refinements):
-        frac = torch.linspace(0, 1, points + 2, dtype=state.dtype, device=state.device)[1:-1]
-        trial = lo[:, None] + (hi - lo)[:, None] * frac[None, :]
-        trial_fails = errors(trial) >= threshold
-        # First failing interior point (or hi itself) becomes the new hi; the point before it the new lo.
-        none = torch.full_like(first_fail, points)
-        idx = torch.where(trial_fails.any(1), trial_fails.to(torch.int64).argmax(1), none)
-        bounds = torch.cat([lo[:, None], trial, hi[:, None]], 1)
-        lo, hi = bounds[rows, idx], bounds[rows, idx + 1]
-    # Systems that never failed inside the grid get its upper end.
-    return torch.where(any_fail, lo, grid[:, -1])
+    return first_crossing(errors, grid, fails, threshold, refinements, points)
 
 
 @dataclass
