@@ -105,6 +105,23 @@ def test_the_set_network_corrects_the_series_dt_and_stays_permutation_invariant(
     assert model.head[-1].weight.grad is not None and float(model.head[-1].weight.grad.abs().sum()) > 0
 
 
+def test_a_learned_policy_on_the_series_reads_it_at_the_tolerance_it_is_run_at():
+    """Trained at 2e-4 and run at 5e-5, the network reads the series at 5e-5 (its correction, here
+    the initial 0.87, kept) and holds the tighter tolerance; read at 2e-4 it would step 1.6x too far."""
+    from nbody_dt.model.evaluate import StepCriteria
+
+    problem = make_problem("plummer", n=8, seed=3, softening=0.01, t_end=0.5)
+    criteria = StepCriteria.from_config(load(None, []))
+    assert criteria.energy_threshold == 2e-4
+    policy = make_policy("learned", problem, 5e-5, model=series_network(), criteria=criteria)
+    first = policy.advance(problem.state, math.inf)
+    assert first.dt == pytest.approx(0.87 * float(error_series_dt(problem.state, SOFT, 5e-5)[0]), rel=1e-12)
+    assert first.dt < 0.7 * float(error_series_dt(problem.state, SOFT, 2e-4)[0])
+    result = run_problem(problem, make_policy("learned", problem, 5e-5, model=series_network(), criteria=criteria),
+                         5e-5)
+    assert result.accepted_steps > 5 and result.violations == 0
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.error_series=8"], "only the set network with the attention pooling"),
     (["model.kind='set'", "model.error_series=8", "model.pair_prior='x.pt'"], "without a pair prior"),

@@ -139,6 +139,10 @@ def test_make_policy_builds_the_symmetric_step_and_scales_the_learned_dt():
     plain = make_policy("learned", p, 1e-3, model=net, criteria=CRITERIA)
     half = make_policy("learned", p, 1e-3, model=net, criteria=CRITERIA, dt_scale=0.5)
     assert half.advance(p.state, math.inf).dt == pytest.approx(0.5 * plain.advance(p.state, math.inf).dt, rel=1e-14)
+    # trained at 2e-4, run at 1e-3: the dt^3 law of the single-step error scales its dt by 5^(1/3)
+    trained = make_policy("learned", p, 2e-4, model=net, criteria=CRITERIA)
+    assert plain.advance(p.state, math.inf).dt == pytest.approx(5 ** (1 / 3) * trained.advance(p.state, math.inf).dt,
+                                                                rel=1e-14)
     with pytest.raises(ValueError, match="history_len"):
         SymmetricLearnedPolicy(network(p.state, history_len=1), CRITERIA)
 

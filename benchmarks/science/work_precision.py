@@ -14,8 +14,9 @@ median of each energy figure (the per-sphere rows are kept in the JSON). Policie
 per-step tolerance:
 
 - learned, learned-sym: the network of the problem's N (plain, and the time-symmetric step of
-  model/symmetric.py), its dt scaled by (tolerance / trained tolerance)^(1/3) (the dt^3 law of
-  the single-step error); skipped where no model of that N is given;
+  model/symmetric.py), fitted to each tolerance by model.policy.at_threshold (a network on the
+  error series reads the series there; any other scales its dt by (tolerance / trained
+  tolerance)^(1/3), the dt^3 law of the single-step error); skipped where no model of that N is given;
 - oracle: the per-step oracle (one evaluation a step, its search not counted);
 - controller: reject/retry on the single-step error (every try counted);
 - freefall: dt = eta t_ff, eta tuned per problem and tolerance to the largest value (to 2 %)
@@ -168,9 +169,8 @@ def aggregate(runs: list[dict]) -> dict:
 def run_one(p: Problem, name: str, tol: float, learned: tuple | None, eta: float | None) -> dict:
     kwargs: dict = {}
     if name.startswith("learned"):
-        model, criteria, cfg = learned
-        kwargs = dict(model=model, criteria=criteria, symmetric=name == "learned-sym",
-                      dt_scale=(tol / cfg.collect.energy_threshold) ** (1 / 3))
+        model, criteria, _ = learned
+        kwargs = dict(model=model, criteria=criteria, symmetric=name == "learned-sym")
     policy = make_policy("learned" if name.startswith("learned") else name, p, tol, eta=eta, **kwargs)
     trace = EnergyTrace(policy, p.gravity, float(total_energy(p.state, p.gravity)[0]), p.t_end)
     res = run_problem(p, trace, tol, record=False)

@@ -10,6 +10,7 @@ import torch
 from nbody_dt.model.evaluate import StepCriteria, evaluate_step
 from nbody_dt.model.history import History
 from nbody_dt.model.network import DtNetwork
+from nbody_dt.model.set_network import SetDtNetwork
 from nbody_dt.model.symmetric import SymmetricLearnedPolicy
 from nbody_dt.physics.policies import Advance, DtPolicy, ErrorSeries, FixedDt, FreeFall, Oracle, StepController
 from nbody_dt.physics.problems import Problem
@@ -39,11 +40,25 @@ class LearnedPolicy:
         return Advance(ev.next_state, float(ev.dt[0]), float(ev.rel_dE[0]), self.criteria.substeps)
 
 
+def at_threshold(model: DtNetwork | SetDtNetwork, trained: float, threshold: float) -> tuple[DtNetwork | SetDtNetwork,
+                                                                                                float]:
+    """The network, and a factor on its dt, for a per-step tolerance `threshold` when it was trained at
+    `trained`: a set network on the error series reads the series at `threshold` (factor 1); any
+    other keeps its dt scaled by (threshold / trained)^(1/3), the dt^3 law of the KDK step's
+    single-step error (benchmarks/README.md, "Measurements behind the defaults")."""
+    if threshold == trained:
+        return model, 1.0
+    if isinstance(model, SetDtNetwork) and model.error_series:
+        return model.at_threshold(threshold), 1.0
+    return model, (threshold / trained) ** (1.0 / 3.0)
+
+
 def make_policy(name: str, problem: Problem, threshold: float, *, dt: float | None = None, eta: float | None = None,
                 safety: float = 0.9, model: DtNetwork | None = None, criteria: StepCriteria | None = None,
                 symmetric: bool = False, dt_scale: float = 1.0) -> DtPolicy:
     """A policy by name; for 'learned', symmetric=True gives the time-symmetric step (model/symmetric.py)
-    and dt_scale multiplies the network's dt."""
+    and dt_scale multiplies the network's dt. A learned policy at a `threshold` other than the one
+    its network was trained at (criteria.energy_threshold) is fitted to it by `at_threshold`."""
     g = problem.gravity
     if name == "fixed":
         return FixedDt(dt, g)
@@ -58,7 +73,8 @@ def make_policy(name: str, problem: Problem, threshold: float, *, dt: float | No
     if name == "learned":
         # The step uses this problem's gravity and threshold; the network reads its features as
         # its for_gravity says (the MLP under the training force law, the set network under this one).
-        model = model.for_gravity(g)
+        model, scale = at_threshold(model.for_gravity(g), criteria.energy_threshold, threshold)
+        dt_scale *= scale
         criteria = replace(criteria, gravity=g, energy_threshold=threshold, accept_lower=0.0)
         if symmetric:
             return SymmetricLearnedPolicy(model, criteria, dt_scale)

@@ -288,6 +288,14 @@ class SetDtNetwork(nn.Module):
         other.gravity = gravity
         return other
 
+    def at_threshold(self, threshold: float) -> SetDtNetwork:
+        """The same weights for another per-step tolerance: with an error series the series is read at
+        `threshold` (the learned correction, a fraction of the series' dt, is kept); without one the
+        network's dt does not depend on it (the caller scales it)."""
+        other = copy.copy(self)
+        other.threshold = threshold
+        return other
+
     def check_takes(self, state: State) -> None:
         """ValueError (one line) unless every system has at least two bodies of non-zero mass."""
         if state.num_bodies < 2 or bool(((state.mass != 0).sum(-1) < 2).any()):
