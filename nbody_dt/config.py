@@ -8,6 +8,7 @@ an out-of-range value raises ConfigError: one line naming the key and what is al
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -126,6 +127,11 @@ class ModelConfig(Section):
            "the oracle's dt to < 1 % on the validation systems: benchmarks/README.md). Not with a pair prior or "
            "the error_sum pooling. 0: off (the base is the pair prior's dt, or the smallest pair free-fall time)",
         ge=0, le=16)
+    series_margin: float = opt(
+        0.0, "set, with error_series: the learned dt is at most (1 - series_margin) times the series' dt. The "
+             "series' dt is where the step's error reaches the threshold, so a step at it lands on the tolerance's "
+             "edge, where training leaves it (benchmarks/README.md, \"An error series\"). 0: no margin",
+        ge=0.0, lt=0.5)
     activation: Literal["relu", "tanh", "silu", "gelu", "softplus"] = opt("silu", "hidden activation")
     features: Literal["basic", "rich", "delta_mag"] = opt(
         "rich", "input features: basic (normalized coordinates), rich (scale-free pair features), delta_mag (rich + "
@@ -259,6 +265,12 @@ class Config(Section):
                                         or self.model.pooling != "attention"):
             raise ValueError("model.error_series: only the set network with the attention pooling and without a pair "
                              "prior takes the error series as its base")
+        if self.model.series_margin and not self.model.error_series:
+            raise ValueError("model.series_margin: a margin below the error series' dt needs model.error_series")
+        if self.model.error_series and (1 - self.model.series_margin) <= math.sqrt(
+                self.loss.dt_fraction_range[0] * self.loss.dt_fraction_range[1]):
+            raise ValueError("model.series_margin: the network starts at the centre of loss.dt_fraction_range times "
+                             "the series' dt, which must lie below 1 - series_margin")
         if 0 < self.model.error_series < 3:
             raise ValueError(f"model.error_series: the KDK step's error starts at dt^3, so the order must be 0 or at "
                              f"least 3, got {self.model.error_series}")

@@ -127,11 +127,26 @@ def test_a_learned_policy_on_the_series_reads_it_at_the_tolerance_it_is_run_at()
     (["model.kind='set'", "model.error_series=8", "model.pair_prior='x.pt'"], "without a pair prior"),
     (["model.kind='set'", "model.error_series=8", "model.pooling='error_sum'"], "with the attention pooling"),
     (["model.kind='set'", "model.error_series=2"], "order must be 0 or at least 3, got 2"),
+    (["model.kind='set'", "model.series_margin=0.01"], "series_margin: a margin below the error series' dt needs"),
+    (["model.kind='set'", "model.error_series=8", "model.series_margin=0.2"], "must lie below 1 - series_margin"),
 ])
 def test_config_refuses_an_error_series_it_cannot_use_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         load(None, overrides)
     assert "\n" not in str(info.value)
+
+
+def test_a_series_margin_caps_the_learned_dt_below_the_series_dt():
+    from nbody_dt.model.set_network import build_network
+
+    cfg = load(None, ["model.kind='set'", "model.hidden=[8]", "model.error_series=8", "model.series_margin=0.05"])
+    model = build_network(cfg, 2).for_gravity(SOFT)
+    state, g = systems()
+    series = error_series_dt(state, g, 2e-4, 8)
+    torch.testing.assert_close(model(state), math.sqrt(0.84 * 0.9) * series, rtol=1e-12, atol=0)  # the same start
+    with torch.no_grad():
+        model.head[-1].bias.fill_(-30.0)  # the network asks for no shortening at all: the margin stays
+    torch.testing.assert_close(model(state), 0.95 * series, rtol=1e-12, atol=0)
 
 
 def test_the_network_reads_its_threshold_from_the_config():

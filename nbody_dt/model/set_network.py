@@ -233,7 +233,7 @@ class SetDtNetwork(nn.Module):
     def __init__(self, hidden: list[int], activation: str, gravity: Gravity, pairs: str = "all", pair_k: int = 8,
                  initial_dt: float = 0.04, dtype: torch.dtype = torch.float64, pooling: str = "attention",
                  pair_prior: bool = False, error_series: int = 0, threshold: float = 2e-4,
-                 series_fraction: float = 0.87):
+                 series_fraction: float = 0.87, series_margin: float = 0.0):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)})")
@@ -241,6 +241,7 @@ class SetDtNetwork(nn.Module):
         self.history_len = 0
         self.output = "log_freefall"
         self.error_series, self.threshold = error_series, threshold
+        self.log_series_ceiling = math.log1p(-series_margin)  # log of the largest fraction of the series' dt
         act = ACTIVATIONS[activation]
         layers: list[nn.Module] = []
         width = PAIR_FEATURES
@@ -256,7 +257,8 @@ class SetDtNetwork(nn.Module):
         with torch.no_grad():
             if error_series:
                 head.weight.zero_()
-                head.bias.fill_(math.log(math.expm1(-math.log(series_fraction))))  # softplus(bias) = -log fraction
+                # softplus(bias) = log(ceiling / fraction): the network starts at series_fraction of the series' dt
+                head.bias.fill_(math.log(math.expm1(self.log_series_ceiling - math.log(series_fraction))))
             else:
                 head.weight.mul_(0.1)
                 head.bias.fill_(0.0 if pair_prior else math.log(initial_dt))
@@ -340,8 +342,8 @@ class SetDtNetwork(nn.Module):
             k = self.log_order.exp()
             out = -torch.logsumexp(_masked(-k * per_pair, mask), dim=1) / k
         if self.error_series:
-            # the series' dt is where the step's error reaches the threshold: never step beyond it
-            return self._log_base(state, pairs, rest) - F.softplus(out)
+            # the series' dt is where the step's error reaches the threshold: never step beyond it (less the margin)
+            return self._log_base(state, pairs, rest) + self.log_series_ceiling - F.softplus(out)
         return self._log_base(state, pairs, rest) + LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
 
     def _log_base(self, state: State, pairs: PairSet, rest: torch.Tensor) -> torch.Tensor:
@@ -374,5 +376,6 @@ def build_network(cfg: Config, num_bodies: int) -> DtNetwork | SetDtNetwork:
         return SetDtNetwork(list(m.hidden), m.activation, Gravity(cfg.physics.G, cfg.physics.softening), m.pairs,
                             m.pair_k, m.initial_dt, cfg.torch_dtype, m.pooling, pair_prior=bool(m.pair_prior),
                             error_series=m.error_series, threshold=cfg.collect.energy_threshold,
-                            series_fraction=math.sqrt(cfg.loss.dt_fraction_range[0] * cfg.loss.dt_fraction_range[1]))
+                            series_fraction=math.sqrt(cfg.loss.dt_fraction_range[0] * cfg.loss.dt_fraction_range[1]),
+                            series_margin=m.series_margin)
     return DtNetwork.from_config(cfg, num_bodies)
