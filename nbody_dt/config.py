@@ -130,7 +130,8 @@ class ModelConfig(Section):
     series_margin: float = opt(
         0.0, "set, with error_series: the learned dt is at most (1 - series_margin) times the series' dt. The "
              "series' dt is where the step's error reaches the threshold, so a step at it lands on the tolerance's "
-             "edge, where training leaves it (benchmarks/README.md, \"An error series\"). 0: no margin",
+             "edge, where training leaves it (benchmarks/README.md, \"A faster series, a fixed-size pair set and a "
+             "margin\"). 0: no margin",
         ge=0.0, lt=0.5)
     activation: Literal["relu", "tanh", "silu", "gelu", "softplus"] = opt("silu", "hidden activation")
     features: Literal["basic", "rich", "delta_mag"] = opt(

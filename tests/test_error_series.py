@@ -76,6 +76,17 @@ def test_the_series_dt_is_the_most_cautious_of_its_last_truncations():
     assert series_dt(c, 2e-4, t_min).shape == (3,)
 
 
+def test_the_series_dt_reads_a_known_polynomial_and_the_ends_of_its_span():
+    """err = c3 dt^3 crosses 2e-4 at (2e-4 / c3)^(1/3); a series already over the threshold at the
+    bottom of the span gives half of it, one that never reaches it the top (span 1e-3..10 x scale)."""
+    c = torch.zeros(3, 5, dtype=torch.float64)
+    c[:, 3] = torch.tensor([1.0, 1e30, 1e-30], dtype=torch.float64)
+    dt = series_dt(c, 2e-4, torch.ones(3, dtype=torch.float64), truncations=1)
+    assert float(dt[0]) == pytest.approx(2e-4 ** (1 / 3), rel=2e-5) and float(dt[0]) <= 2e-4 ** (1 / 3)
+    assert float(dt[1]) == pytest.approx(0.5e-3, rel=1e-12)
+    assert float(dt[2]) == pytest.approx(10.0, rel=1e-12)
+
+
 def test_the_series_policy_steps_under_the_tolerance_with_fewer_evaluations_than_the_controller():
     problem = make_problem("kepler", e=0.9, periods=2)
     series = run_problem(problem, make_policy("series", problem, 2e-4), 2e-4)
