@@ -6,8 +6,8 @@ coefficients follow from pairwise sums over the start state: every pair's square
 s(h) = |dx(h)|^2 + eps^2 is a polynomial of degree 4, and s^(-1/2) (the potential) and s^(-3/2)
 (the end kick's force) are expanded by the power recurrence of truncated series. The KDK step's
 error starts at h^3; higher orders carry the sign cancellations between pairs that set where the
-error first reaches a threshold. This costs no trial step, but at order 12 the arithmetic of 10-60
-force evaluations on a CPU (benchmarks/README.md, "An error series").
+error first reaches a threshold. This costs no trial step, but at order 12 the arithmetic of 10-30
+force evaluations on a CPU (benchmarks/README.md, "A faster series, a fixed-size pair set and a margin").
 """
 
 from __future__ import annotations
