@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_model  # noqa: E402
 
+from nbody_dt.allocator import retain_freed_memory  # noqa: E402
 from nbody_dt.config import load  # noqa: E402
 from nbody_dt.model.set_network import SetDtNetwork, build_network  # noqa: E402
 from nbody_dt.physics import initial_conditions as ics  # noqa: E402
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    retain_freed_memory()  # as the CLI does
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"machine: {cpu_model()}, torch {torch.__version__}, {args.threads} thread(s), device {device}", flush=True)

@@ -427,9 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     traceback); warnings of the nbody_dt logger are one line each on stderr."""
     import logging
 
+    from nbody_dt.allocator import retain_freed_memory
     from nbody_dt.config import ConfigError
     from nbody_dt.storage.errors import RunError, one_line
 
+    retain_freed_memory()
     argv = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in argv
     if not verbose:

@@ -32,63 +32,71 @@ def energy_error_series(state: State, gravity: Gravity, order: int = 12) -> torc
 
     c_0 is 0 and c_1, c_2 vanish up to round-off (the step is second order). Padding (zero mass) is
     ignored as everywhere in physics. Each pair i < j is expanded once, its coefficients first and the
-    pairs along the last axis (contiguous arithmetic, few torch ops); the sums over bodies are
-    matrix products.
+    pairs along the last axis (contiguous arithmetic); the sums over bodies are matrix products. The
+    power recurrence runs in place on fused multiply-adds (no temporaries the size of the pair set:
+    at N >= 256 those cost more than the arithmetic), so the series is not differentiable.
     """
     x, v, m = state.position, state.velocity, state.mass
     b, n, d = x.shape
     terms = order + 1
     i, j = torch.triu_indices(n, n, offset=1, device=x.device)
-    mi, mj = m[:, i], m[:, j]
-    real = (mi != 0) & (mj != 0)
+    both = torch.cat([i * n + j, j * n + i])  # flat (N N) indices of the entries (i, j) and (j, i)
+    real = (m[:, i] != 0) & (m[:, j] != 0)
 
-    def symmetric(pairs: torch.Tensor) -> torch.Tensor:
-        """(..., P) values of the pairs i < j as symmetric (..., N, N) matrices, 0 on the diagonal."""
-        out = pairs.new_zeros(pairs.shape[:-1] + (n, n))
-        out[..., i, j] = pairs
-        out[..., j, i] = pairs
-        return out
+    def pull(pairs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """sum_j w_ij m_j (q_j - q_i) for symmetric pair weights (..., B, P) and body values q (B, N, C)."""
+        w = pairs.new_zeros(pairs.shape[:-1] + (n * n,))
+        w[..., both] = torch.cat([pairs, pairs], -1)
+        mq = torch.cat([m[..., None] * q, m[..., None]], -1)
+        out = w.view(pairs.shape[:-1] + (n, n)) @ mq
+        return out[..., :-1] - out[..., -1:] * q
 
     def separation(q: torch.Tensor) -> torch.Tensor:
-        """q_j - q_i of every pair, (D, B, P)."""
+        """q_j - q_i of every pair, (C, B, P)."""
         q = q.permute(2, 0, 1)
         return q[..., j] - q[..., i]
 
-    dx0 = separation(x)
-    s0 = torch.where(real, (dx0 * dx0).sum(0) + gravity.softening ** 2, torch.ones_like(mi))
-    # the start force from the same pairs: a_i = G sum_j m_j (x_j - x_i) / s^(3/2)
-    pull = symmetric(torch.where(real, s0.pow(-1.5), torch.zeros_like(s0))) * m[:, None, :]
-    a0 = gravity.G * (pull @ x - pull.sum(-1, keepdim=True) * x)
-    # the separation as a polynomial in h, dx0 + dx1 h + dx2 h^2, (3, D, B, P), and s = |dx|^2 + eps^2
-    dx = torch.stack([dx0, separation(v), 0.5 * separation(a0)])
-    dot = (dx[:, None] * dx[None, :]).sum(2)  # (3, 3, B, P)
-    s = torch.stack([s0, 2 * dot[0, 1], dot[1, 1] + 2 * dot[0, 2], 2 * dot[1, 2], dot[2, 2]])
-    # s^alpha for alpha = -1/2 (the potential) and -3/2 (the end kick's force), both at once, by the
-    # power recurrence f_k = sum_{j=1..4} (alpha j - (k - j)) s_j f_{k-j} / (k s_0); f[:4] are the
-    # zeros that f_{k-j} reads for j > k
-    alpha = torch.tensor([-0.5, -1.5], dtype=x.dtype, device=x.device)[:, None, None]
-    f = x.new_empty((terms + 4, 2) + s0.shape)
-    f[:4] = 0.0
-    f[4] = s0.pow(alpha)
-    ratio = (s[1:] / s0).flip(0)[:, None]  # s_4 / s_0 .. s_1 / s_0, (4, 1, B, P)
-    j_back = torch.arange(4, 0, -1, dtype=x.dtype, device=x.device)[:, None, None, None]
+    def dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """sum_c p_c q_c over the leading axis, as fused multiply-adds (a reduction over an axis of 3 is slow)."""
+        out = p[0] * q[0]
+        for c in range(1, d):
+            out.addcmul_(p[c], q[c])
+        return out
+
+    # the separation as a polynomial in h, dx0 + dv h + da h^2 with da = (a0_j - a0_i) / 2, and
+    # s(h) = |dx(h)|^2 + eps^2 = s0 + s1 h + ... + s4 h^4
+    sep = separation(torch.cat([x, v], -1))
+    dx0, dv = sep[:d], sep[d:]
+    s0 = torch.where(real, dot(dx0, dx0) + gravity.softening ** 2, torch.ones_like(dx0[0]))
+    inv_root = torch.where(real, s0.rsqrt(), torch.zeros_like(s0))  # padding: 0, and so are all its terms
+    a0 = gravity.G * pull(inv_root / s0, x)  # the start force from the same pairs
+    da = 0.5 * separation(a0)
+    s = [2 * dot(dx0, dv), dot(dv, dv) + 2 * dot(dx0, da), 2 * dot(dv, da), dot(da, da)]
+    # s^alpha for alpha = -1/2 (the potential) and -3/2 (the end kick's force) by the power recurrence
+    # f_k = sum_{j=1..min(4,k)} (alpha j - (k - j)) / k * (s_j / s0) f_{k-j}
+    alphas = (-0.5, -1.5)
+    f = x.new_zeros((terms, 2) + s0.shape)
+    f[0, 0] = inv_root
+    f[0, 1] = inv_root / s0
+    ratio = (torch.stack(s) / s0).unbind(0)
+    rows = [row.unbind(0) for row in f.unbind(0)]  # views made once: at small N indexing costs more than arithmetic
     for k in range(1, terms):
-        f[k + 4] = ((alpha * j_back - (k - j_back)) / k * ratio * f[k:k + 4]).sum(0)
-    f = f[4:] * real  # (K, 2, B, P)
-    potential = -gravity.G * (f[:, 0] * (mi * mj)).sum(-1)  # (K, B)
+        for a, alpha in enumerate(alphas):
+            for jj in range(1, min(4, k) + 1):
+                rows[k][a].addcmul_(ratio[jj - 1], rows[k - jj][a], value=(alpha * jj - (k - jj)) / k)
+    potential = -gravity.G * (f[:, 0] * (m[:, i] * m[:, j])).sum(-1)  # (K, B)
     # the end kick's force a(x1(h)) = G sum_j m_j dx(h) s(h)^(-3/2): with (q_0, q_1, q_2) = (x, v, a0 / 2),
-    # dx's coefficient c is q_c,j - q_c,i, and sum_j w_ij (q_j - q_i) = (w q)_i - (sum_j w_ij) q_i
-    weight = symmetric(f[:, 1]) * m[:, None, :]  # (K, B, N, N)
-    q = torch.stack([x, v, 0.5 * a0], -2).reshape(b, n, 3 * d)
-    pulled = (weight @ q - weight.sum(-1, keepdim=True) * q).reshape(terms, b, n, 3, d)
-    end_force = pulled[:, :, :, 0].clone()  # (K, B, N, D): the h^c of dx shifts its terms up by c
+    # dx's coefficient c is q_c,j - q_c,i, and its h^c shifts the weights' terms up by c
+    q = torch.cat([x, v, 0.5 * a0], -1)
+    pulled = pull(f[:, 1], q).reshape(terms, b, n, 3, d)
+    end_force = pulled[:, :, :, 0].clone()
     end_force[1:] += pulled[:-1, :, :, 1]
     end_force[2:] += pulled[:-2, :, :, 2]
     # v1(h) = v + h (a0 + a(x1(h))) / 2, and the kinetic energy from the Gram matrix of its terms
     v1 = torch.cat([v[None], 0.5 * a0[None], x.new_zeros((terms - 2, b, n, d))])
     v1[1:] += 0.5 * gravity.G * end_force[:-1]
-    momentum = (0.5 * m[:, :, None] * v1).reshape(terms, b, n * d).transpose(0, 1)  # (B, K, N D)
-    gram = torch.bmm(momentum, v1.reshape(terms, b, n * d).permute(1, 2, 0))  # (B, K, K)
+    momentum = (0.5 * m[:, :, None] * v1).reshape(terms, b, n * d).transpose(0, 1)
+    gram = torch.bmm(momentum, v1.reshape(terms, b, n * d).permute(1, 2, 0))
     kinetic = gram.reshape(b, terms * terms) @ _antidiagonals(terms, x.dtype, x.device)
     energy = kinetic + potential.T  # E(h) - E0 has no h^0 term: E(0) is E0 itself
     return torch.cat([torch.zeros_like(energy[:, :1]), energy[:, 1:]], -1) / energy[:, :1].abs()
