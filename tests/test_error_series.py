@@ -10,10 +10,17 @@ import torch
 
 from nbody_dt.config import ConfigError, load
 from nbody_dt.model.policy import make_policy, run_problem
-from nbody_dt.model.set_network import SetDtNetwork
+from nbody_dt.model.set_network import SetDtNetwork, pair_set_features
 from nbody_dt.physics import initial_conditions as ics
-from nbody_dt.physics.error_series import energy_error_series, error_series_dt, series_dt
-from nbody_dt.physics.gravity import Gravity, min_freefall_time, total_energy
+from nbody_dt.physics.error_series import energy_error_series, error_series_dt, series_dt, step_series
+from nbody_dt.physics.gravity import (
+    Gravity,
+    accelerations,
+    kinetic_energy,
+    min_freefall_time,
+    potential_energy,
+    total_energy,
+)
 from nbody_dt.physics.integrator import kdk_step
 from nbody_dt.physics.policies import oracle_dt
 from nbody_dt.physics.problems import make_problem
@@ -57,6 +64,23 @@ def test_the_series_ignores_padding_and_the_order_of_the_bodies():
     # c_0..c_2 are round-off (~1e-16): compared absolutely, the rest relatively
     torch.testing.assert_close(energy_error_series(padded, SOFT), reference, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(energy_error_series(shuffled, SOFT), reference, rtol=1e-9, atol=1e-14)
+
+
+def test_the_start_terms_the_series_hands_on_are_the_physics_own():
+    state, g = systems()
+    start = step_series(state, g, 6)
+    torch.testing.assert_close(start.acceleration, accelerations(state.position, state.mass, g), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(start.kinetic, kinetic_energy(state), rtol=1e-13, atol=0)
+    torch.testing.assert_close(start.potential, potential_energy(state, g), rtol=1e-13, atol=0)
+    i, j = torch.triu_indices(8, 8, offset=1)
+    real = (state.mass[:, i] != 0) & (state.mass[:, j] != 0)
+    r2 = ((state.position[:, j] - state.position[:, i]) ** 2).sum(-1)
+    torch.testing.assert_close(start.separation2[real], r2[real], rtol=1e-13, atol=0)
+    # and the set network's pair features read from them equal the features computed afresh
+    for how in ("all", "system"):
+        fresh, shared = pair_set_features(state, g, how, 4), pair_set_features(state, g, how, 4, start)
+        for a, b in zip(fresh, shared):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
 def test_the_series_dt_is_the_oracles_dt():

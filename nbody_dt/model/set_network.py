@@ -43,7 +43,7 @@ from torch import nn
 from nbody_dt.config import Config
 from nbody_dt.model.history import History
 from nbody_dt.model.network import ACTIVATIONS, LOG_DT_BOUND, DtNetwork
-from nbody_dt.physics.error_series import energy_error_series, series_dt
+from nbody_dt.physics.error_series import StepSeries, series_dt, step_series
 from nbody_dt.physics.gravity import Gravity, accelerations, kinetic_energy, potential_energy
 from nbody_dt.physics.state import State
 
@@ -64,11 +64,10 @@ def _pair_index(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.triu_indices(n, n, offset=1, device=device).unbind(0)
 
 
-def _freefall(position: torch.Tensor, mass: torch.Tensor, gravity: Gravity, i: torch.Tensor,
+def _freefall(r2: torch.Tensor, mass: torch.Tensor, gravity: Gravity, i: torch.Tensor,
               j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unsoftened pair free-fall times (B, P) (+inf for pairs with padding) and the real-pair mask."""
-    dx = position[:, j] - position[:, i]
-    r2 = (dx * dx).sum(-1)
+    """Unsoftened pair free-fall times (B, P) from the squared separations r2 of the pairs (i, j) (+inf
+    for pairs with padding) and the real-pair mask."""
     t = torch.sqrt(r2 * r2.sqrt() / (gravity.G * (mass[:, i] + mass[:, j]))).clamp_min(_TINY)
     real = (mass[:, i] != 0) & (mass[:, j] != 0)
     return torch.where(real, t, torch.full_like(t, math.inf)), real
@@ -117,8 +116,11 @@ class PairSet(NamedTuple):
     """(B, K): |E_pair| / |E|, the pair's two-body energy against the system's."""
 
 
-def pair_set_features(state: State, gravity: Gravity, how: str = "all", k: int = 8) -> PairSet:
-    """The features, mask, timescales and energy shares of the selected pairs (`PairSet`).
+def pair_set_features(state: State, gravity: Gravity, how: str = "all", k: int = 8,
+                      start: StepSeries | None = None) -> PairSet:
+    """The features, mask, timescales and energy shares of the selected pairs (`PairSet`); the
+    start force, energies and pair separations are read from `start` when given (the error series
+    has computed them) instead of computed again.
 
     Per pair, all scale-free: log(v^2 r / G m), log|1 - v^2 r / 2 G m| (log r / 2a when bound),
     the radial cosine, log(t_ff / t_min), the pair's mass fraction m / M, the mass ratio
@@ -129,7 +131,10 @@ def pair_set_features(state: State, gravity: Gravity, how: str = "all", k: int =
     x, v, m = state.position, state.velocity, state.mass
     n = x.shape[1]
     i_all, j_all = _pair_index(n, x.device)
-    t_all, _ = _freefall(x, m, gravity, i_all, j_all)
+    if start is None:
+        dx_all = x[:, j_all] - x[:, i_all]
+        r2_all = (dx_all * dx_all).sum(-1)
+    t_all, _ = _freefall(r2_all if start is None else start.separation2, m, gravity, i_all, j_all)
     t_min = t_all.min(-1).values
     sel, counted = select_pairs(t_all, n, how, k)
     i, j = i_all[sel], j_all[sel]  # (B, K)
@@ -147,16 +152,17 @@ def pair_set_features(state: State, gravity: Gravity, how: str = "all", k: int =
     mp = (mi + mj).clamp_min(_TINY)
     gm = gravity.G * mp
     eps2 = gravity.softening ** 2
-    acc = accelerations(x, m, gravity)
+    acc = accelerations(x, m, gravity) if start is None else start.acceleration
     da = take(acc, j) - take(acc, i)
     own = -gm[..., None] * dx * (r2 + eps2).pow(-1.5)[..., None]
     tidal = (da - own).norm(dim=-1) * (r2 + eps2) / gm
-    potential = potential_energy(state, gravity)
+    potential = potential_energy(state, gravity) if start is None else start.potential
     binding = (-potential).clamp_min(_TINY)[:, None]
     pair_potential = gravity.G * mi * mj * (r2 + eps2).rsqrt()
     share = pair_potential / binding
     pair_energy = 0.5 * mi * mj / mp * v2 - pair_potential
-    energy = (kinetic_energy(state) + potential).abs().clamp_min(_TINY)[:, None]
+    kinetic = kinetic_energy(state) if start is None else start.kinetic
+    energy = (kinetic + potential).abs().clamp_min(_TINY)[:, None]
     t_safe = torch.where(mask, t_ff, t_min[:, None])
     feats = torch.stack([
         torch.log(v2 * r / gm + 1e-12),
@@ -328,7 +334,11 @@ class SetDtNetwork(nn.Module):
         return out
 
     def _log_dt(self, state: State) -> torch.Tensor:
-        pairs = pair_set_features(state, self.gravity, self.pairs, self.pair_k)
+        start = None
+        if self.error_series:
+            with torch.no_grad():  # physics of the state: nothing to learn through it
+                start = step_series(state, self.gravity, self.error_series)
+        pairs = pair_set_features(state, self.gravity, self.pairs, self.pair_k, start)
         feats, mask = pairs.features, pairs.mask
         h = self.encoder(feats)
         # the energy-weighted summary (B, W)
@@ -343,20 +353,17 @@ class SetDtNetwork(nn.Module):
             out = -torch.logsumexp(_masked(-k * per_pair, mask), dim=1) / k
         if self.error_series:
             # the series' dt is where the step's error reaches the threshold: never step beyond it (less the margin)
-            return self._log_base(state, pairs, rest) + self.log_series_ceiling - F.softplus(out)
-        return self._log_base(state, pairs, rest) + LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
+            base = torch.log(series_dt(start.coefficients, self.threshold, pairs.t_min))
+            return base + self.log_series_ceiling - F.softplus(out)
+        return self._log_base(pairs, rest) + LOG_DT_BOUND * torch.tanh(out / LOG_DT_BOUND)
 
-    def _log_base(self, state: State, pairs: PairSet, rest: torch.Tensor) -> torch.Tensor:
-        """log of the dt the network corrects: the smallest pair free-fall time; with an error series
-        the dt at which the series of the step's energy error reaches the threshold; or with a pair
-        prior a learned share (the trust, in (0, 1)) of the way from t_min to the prior's dt, the dt
-        at which the pairs' errors, each (dt / dt_pair)^3 weighted by the pair's energy share, add up
-        to the threshold: dt = (sum_p share_p dt_p^-3)^(-1/3)."""
+    def _log_base(self, pairs: PairSet, rest: torch.Tensor) -> torch.Tensor:
+        """log of the dt the network corrects without an error series (whose base is the dt at which
+        the series of the step's energy error reaches the threshold): the smallest pair free-fall
+        time; or with a pair prior a learned share (the trust, in (0, 1)) of the way from t_min to
+        the prior's dt, the dt at which the pairs' errors, each (dt / dt_pair)^3 weighted by the
+        pair's energy share, add up to the threshold: dt = (sum_p share_p dt_p^-3)^(-1/3)."""
         log_t_min = torch.log(pairs.t_min)
-        if self.error_series:
-            with torch.no_grad():  # physics of the state: nothing to learn through it
-                coefficients = energy_error_series(state, self.gravity, self.error_series)
-                return torch.log(series_dt(coefficients, self.threshold, pairs.t_min))
         if self.prior is None:
             return log_t_min
         log_dt_pair = torch.log(pairs.t_ff) + self.prior(pairs.features)

@@ -13,6 +13,7 @@ force evaluations on a CPU (benchmarks/README.md, "A faster series, a fixed-size
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -27,8 +28,30 @@ def _antidiagonals(terms: int, dtype: torch.dtype, device: torch.device) -> torc
     return (k[:, None, None] + k[None, :, None] == k[None, None, :]).reshape(terms * terms, terms).to(dtype)
 
 
+class StepSeries(NamedTuple):
+    """The series of a step's error and the start-state terms it computes on the way, which the set
+    network's pair features read instead of computing them again."""
+
+    coefficients: torch.Tensor
+    """(B, order + 1): c_k of (E(h) - E0) / |E0| (`energy_error_series`)."""
+    acceleration: torch.Tensor
+    """(B, N, D): the start force per unit mass."""
+    kinetic: torch.Tensor
+    """(B,): the start kinetic energy."""
+    potential: torch.Tensor
+    """(B,): the start potential energy."""
+    separation2: torch.Tensor
+    """(B, N(N-1)/2): |x_j - x_i|^2 (unsoftened) of the pairs i < j in `torch.triu_indices` order."""
+
+
 def energy_error_series(state: State, gravity: Gravity, order: int = 12) -> torch.Tensor:
-    """Taylor coefficients c_0..c_order of (E(KDK step by h) - E0) / |E0| in h, shape (B, order + 1).
+    """Taylor coefficients c_0..c_order of (E(KDK step by h) - E0) / |E0| in h, shape (B, order + 1)."""
+    return step_series(state, gravity, order).coefficients
+
+
+def step_series(state: State, gravity: Gravity, order: int = 12) -> StepSeries:
+    """Taylor coefficients c_0..c_order of (E(KDK step by h) - E0) / |E0| in h, shape (B, order + 1),
+    with the start-state terms they are built from (`StepSeries`).
 
     c_0 is 0 and c_1, c_2 vanish up to round-off (the step is second order). Padding (zero mass) is
     ignored as everywhere in physics. Each pair i < j is expanded once, its coefficients first and the
@@ -67,7 +90,8 @@ def energy_error_series(state: State, gravity: Gravity, order: int = 12) -> torc
     # s(h) = |dx(h)|^2 + eps^2 = s0 + s1 h + ... + s4 h^4
     sep = separation(torch.cat([x, v], -1))
     dx0, dv = sep[:d], sep[d:]
-    s0 = torch.where(real, dot(dx0, dx0) + gravity.softening ** 2, torch.ones_like(dx0[0]))
+    r2 = dot(dx0, dx0)
+    s0 = torch.where(real, r2 + gravity.softening ** 2, torch.ones_like(r2))
     inv_root = torch.where(real, s0.rsqrt(), torch.zeros_like(s0))  # padding: 0, and so are all its terms
     a0 = gravity.G * pull(inv_root / s0, x)  # the start force from the same pairs
     da = 0.5 * separation(a0)
@@ -99,7 +123,8 @@ def energy_error_series(state: State, gravity: Gravity, order: int = 12) -> torc
     gram = torch.bmm(momentum, v1.reshape(terms, b, n * d).permute(1, 2, 0))
     kinetic = gram.reshape(b, terms * terms) @ _antidiagonals(terms, x.dtype, x.device)
     energy = kinetic + potential.T  # E(h) - E0 has no h^0 term: E(0) is E0 itself
-    return torch.cat([torch.zeros_like(energy[:, :1]), energy[:, 1:]], -1) / energy[:, :1].abs()
+    coefficients = torch.cat([torch.zeros_like(energy[:, :1]), energy[:, 1:]], -1) / energy[:, :1].abs()
+    return StepSeries(coefficients, a0, kinetic[:, 0], potential[0], r2)
 
 
 TRUNCATIONS = 5
