@@ -66,6 +66,25 @@ def test_the_series_ignores_padding_and_the_order_of_the_bodies():
     torch.testing.assert_close(energy_error_series(shuffled, SOFT), reference, rtol=1e-9, atol=1e-14)
 
 
+def test_far_pairs_expanded_to_a_low_order_move_the_series_and_its_dt_little():
+    sphere = ics.plummer_sphere(64, 3, 3)
+    full = step_series(sphere, SOFT, 12, far_order=12).coefficients
+    tiered = step_series(sphere, SOFT, 12, far_order=4).coefficients
+    assert torch.equal(tiered[:, :5], full[:, :5])  # every pair's terms up to far_order are kept
+    assert not torch.equal(tiered, full)  # the far pairs' higher terms are gone ...
+    torch.testing.assert_close(tiered, full, rtol=1e-3, atol=0)  # ... and were small
+    t_min = min_freefall_time(sphere, SOFT)
+    ratio = series_dt(tiered, 2e-4, t_min) / series_dt(full, 2e-4, t_min)
+    assert float((ratio - 1).abs().max()) < 2e-4
+    # the tight pairs do not depend on the order of the bodies or on padding
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(2))
+    shuffled = State(sphere.position[:, perm], sphere.velocity[:, perm], sphere.mass[:, perm])
+    # (c_0..c_2 are round-off, ~1e-14 at N = 64: compared absolutely)
+    torch.testing.assert_close(step_series(shuffled, SOFT).coefficients, tiered, rtol=1e-9, atol=1e-13)
+    padded = ics.pad_bodies([sphere], 70)
+    torch.testing.assert_close(step_series(padded, SOFT).coefficients, tiered, rtol=1e-12, atol=1e-13)
+
+
 def test_the_start_terms_the_series_hands_on_are_the_physics_own():
     state, g = systems()
     start = step_series(state, g, 6)
