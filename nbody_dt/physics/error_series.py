@@ -12,6 +12,7 @@ force evaluations on a CPU (benchmarks/README.md, "A faster series, a fixed-size
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -45,14 +46,23 @@ class StepSeries(NamedTuple):
 
 
 FAR_ORDER = 4
-"""Pairs far from the step's scale are expanded to this order only (their higher terms are below
-1e-4 of the threshold: benchmarks/README.md, "Where a learned step's time goes")."""
+"""Pairs far from the step's scale are expanded to this order only: on Plummer spheres of 8-256
+bodies and hierarchical systems the series' dt moved by at most 1.2e-4 (benchmarks/README.md,
+"Where a learned step's time goes")."""
 TIGHT_RATIO = 8.0
 """Pairs whose radius of convergence is within this factor of the system's smallest are expanded to
 the full order."""
 TIERED_FROM_BODIES = 48
 """Systems of fewer bodies are expanded fully: most of their pairs are tight (26-80 % at N = 8-32)
 and selecting them costs more than it saves."""
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_indices(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The pairs i < j of N bodies in `torch.triu_indices` order, and the flat (N N) indices of their
+    entries (i, j) and (j, i); cached (at N = 1024 building them costs a few ms a call)."""
+    i, j = torch.triu_indices(n, n, offset=1, device=device)
+    return i, j, i * n + j, j * n + i
 
 
 def _power_terms(f: torch.Tensor, ratio: torch.Tensor, first: int) -> None:
@@ -70,13 +80,17 @@ def _power_terms(f: torch.Tensor, ratio: torch.Tensor, first: int) -> None:
 def _tight_pairs(ratio: torch.Tensor, real: torch.Tensor, tight_ratio: float) -> torch.Tensor:
     """Indices (B, M) of the pairs whose expansion reaches the step's scale: those whose radius of
     convergence, estimated as min_j |s_0 / s_j|^(1/j), is below tight_ratio times the system's
-    smallest; M is the largest count over the batch (the rest of a row: its next-tightest pairs)."""
-    r = ratio.abs()
-    rate = torch.maximum(torch.maximum(r[0], r[1].sqrt()), torch.maximum(r[2].pow(1 / 3), r[3].sqrt().sqrt()))
-    rate = torch.where(real, rate, torch.zeros_like(rate))  # 1 / radius; padding: never tight
-    tight = rate * tight_ratio > rate.max(-1, keepdim=True).values
-    count = max(1, int(tight.sum(-1).max()))
-    return torch.topk(rate, count, dim=-1).indices
+    smallest; M is the largest count over the batch (the rest of a row: its next-tightest pairs, by
+    max_j |s_j / s_0| / c^j)."""
+    r = ratio.abs() * real  # padding: never tight
+    # 1 / radius = max_j |s_j / s_0|^(1/j); the roots are taken of each row's largest terms only:
+    # a pair is tight when some |s_j / s_0| exceeds c^j, c = the row's largest 1 / radius / tight_ratio
+    powers = torch.arange(1, 5, dtype=r.dtype, device=r.device)[:, None]
+    c = r.amax(-1).pow(1 / powers).amax(0) / tight_ratio  # (B,)
+    scaled = r / c[:, None].pow(powers[:, :, None])
+    tightness = torch.maximum(torch.maximum(scaled[0], scaled[1]), torch.maximum(scaled[2], scaled[3]))
+    count = max(1, int((tightness > 1).sum(-1).max()))
+    return torch.topk(tightness, count, dim=-1).indices
 
 
 def energy_error_series(state: State, gravity: Gravity, order: int = 12, far_order: int = FAR_ORDER,
@@ -106,8 +120,7 @@ def step_series(state: State, gravity: Gravity, order: int = 12, far_order: int 
     x, v, m = state.position, state.velocity, state.mass
     b, n, d = x.shape
     terms = order + 1
-    i, j = torch.triu_indices(n, n, offset=1, device=x.device)
-    upper, lower = i * n + j, j * n + i  # flat (N N) indices of the entries (i, j) and (j, i)
+    i, j, upper, lower = _pair_indices(n, x.device)
     real = (m[:, i] != 0) & (m[:, j] != 0)
 
     def pull(pairs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -124,26 +137,33 @@ def step_series(state: State, gravity: Gravity, order: int = 12, far_order: int 
         q = q.permute(2, 0, 1)
         return q[..., j] - q[..., i]
 
-    def dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """sum_c p_c q_c over the leading axis, as fused multiply-adds (a reduction over an axis of 3 is slow)."""
-        out = p[0] * q[0]
-        for c in range(1, d):
-            out.addcmul_(p[c], q[c])
+    def dot(p: torch.Tensor, q: torch.Tensor, out: torch.Tensor, scale: float = 1.0,
+            accumulate: bool = False) -> torch.Tensor:
+        """out (+)= scale sum_c p_c q_c over the leading axis, as fused multiply-adds (a reduction over
+        an axis of 3 is slow)."""
+        if not accumulate:
+            torch.mul(p[0], q[0], out=out).mul_(scale)
+        for c in range(int(not accumulate), d):
+            out.addcmul_(p[c], q[c], value=scale)
         return out
 
     # the separation as a polynomial in h, dx0 + dv h + da h^2 with da = (a0_j - a0_i) / 2, and
     # s(h) = |dx(h)|^2 + eps^2 = s0 + s1 h + ... + s4 h^4
     sep = separation(torch.cat([x, v], -1))
     dx0, dv = sep[:d], sep[d:]
-    r2 = dot(dx0, dx0)
+    r2 = dot(dx0, dx0, dx0.new_empty(dx0.shape[1:]))
     s0 = torch.where(real, r2 + gravity.softening ** 2, torch.ones_like(r2))
     inv_root = torch.where(real, s0.rsqrt(), torch.zeros_like(s0))  # padding: 0, and so are all its terms
     a0 = gravity.G * pull(inv_root / s0, x)  # the start force from the same pairs
     da = 0.5 * separation(a0)
-    s = [2 * dot(dx0, dv), dot(dv, dv) + 2 * dot(dx0, da), 2 * dot(dv, da), dot(da, da)]
+    ratio = dx0.new_empty((4,) + s0.shape)  # s_j / s0, j = 1..4
+    dot(dx0, dv, ratio[0], 2.0)
+    dot(dx0, da, dot(dv, dv, ratio[1]), 2.0, accumulate=True)
+    dot(dv, da, ratio[2], 2.0)
+    dot(da, da, ratio[3])
+    ratio /= s0
     # s^alpha for alpha = -1/2 (the potential) and -3/2 (the end kick's force) by the power recurrence,
     # to order far_order for every pair and on to `order` for the pairs that need it (`_tight_pairs`)
-    ratio = torch.stack(s) / s0
     low = min(far_order, order)
     tight = _tight_pairs(ratio, real, tight_ratio) if low < order and n >= TIERED_FROM_BODIES else None  # (B, M)
     if tight is None or 4 * tight.shape[-1] > i.numel():  # no tiers, or most pairs tight: expand them all
