@@ -3,8 +3,8 @@
 glibc's malloc serves large blocks (above 128 KiB, a threshold it raises adaptively) straight
 from mmap and returns them to the kernel on free, and trims the heap's top when it grows. A
 training or simulation step allocates and frees the same megabyte-sized tensors every call, so
-every call page-faults them in again: at N >= 256 the error series spent more time in those
-faults than in its arithmetic (benchmarks/README.md, "Where a learned step's time goes"). Serving
+every call page-faults them in again: at N = 256 the error series spent about half its time in
+those faults (benchmarks/README.md, "Where a learned step's time goes"). Serving
 them from a heap that is never trimmed makes the memory stay mapped between calls; the price is
 that the process keeps its peak footprint. PyTorch's own CPU tuning advice (jemalloc, tcmalloc)
 addresses the same cost; this needs no preloaded library.
