@@ -6,8 +6,10 @@ coefficients follow from pairwise sums over the start state: every pair's square
 s(h) = |dx(h)|^2 + eps^2 is a polynomial of degree 4, and s^(-1/2) (the potential) and s^(-3/2)
 (the end kick's force) are expanded by the power recurrence of truncated series. The KDK step's
 error starts at h^3; higher orders carry the sign cancellations between pairs that set where the
-error first reaches a threshold. This costs no trial step, but at order 12 the arithmetic of 10-30
-force evaluations on a CPU (benchmarks/README.md, "A faster series, a fixed-size pair set and a margin").
+error first reaches a threshold. This costs no trial step, but at order 12 the wall time of about
+3 force evaluations from N = 256 up, 8 at N = 64 and 15-20 at N <= 16, where a call's roughly 800
+torch operations cost more than their arithmetic (benchmarks/README.md, "Where a learned step's time
+goes").
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def _tight_pairs(ratio: torch.Tensor, real: torch.Tensor, tight_ratio: float) ->
     # 1 / radius = max_j |s_j / s_0|^(1/j); the roots are taken of each row's largest terms only:
     # a pair is tight when some |s_j / s_0| exceeds c^j, c = the row's largest 1 / radius / tight_ratio
     powers = torch.arange(1, 5, dtype=r.dtype, device=r.device)[:, None]
-    c = r.amax(-1).pow(1 / powers).amax(0) / tight_ratio  # (B,)
+    c = (r.amax(-1).pow(1 / powers).amax(0) / tight_ratio).clamp_min(torch.finfo(r.dtype).tiny)  # (B,)
     scaled = r / c[:, None].pow(powers[:, :, None])
     tightness = torch.maximum(torch.maximum(scaled[0], scaled[1]), torch.maximum(scaled[2], scaled[3]))
     count = max(1, int((tightness > 1).sum(-1).max()))
@@ -115,7 +117,8 @@ def step_series(state: State, gravity: Gravity, order: int = 12, far_order: int 
     `tight_ratio` times the system's smallest are expanded to `order` and the rest to `far_order`
     (at N = 256 some 2 % of the pairs are tight; the dt moves by at most 1.2e-4). Every pair is
     expanded fully when far_order >= order, below TIERED_FROM_BODIES bodies, or when more than a
-    quarter of the pairs are tight.
+    quarter of the pairs are tight. (On a GPU the tight pairs' scatter, `index_add_`, sums in no fixed
+    order; the shipped configs train at N <= 16 and never take that path.)
     """
     x, v, m = state.position, state.velocity, state.mass
     b, n, d = x.shape
