@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from nbody_dt.model.history import History
-from nbody_dt.physics.gravity import Gravity, accelerations
+from nbody_dt.physics.gravity import Gravity, accelerations, pair_indices
 from nbody_dt.physics.state import State
 
 _TINY = 1e-30
@@ -65,7 +65,7 @@ def pair_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale-free features (B, P, 6) of all pairs, sorted by free-fall time, and min t_ff (B,)."""
     n = position.shape[1]
-    i, j = torch.triu_indices(n, n, offset=1, device=position.device)
+    i, j = pair_indices(n, position.device)
     dx = position[:, j] - position[:, i]
     dv = velocity[:, j] - velocity[:, i]
     r2 = (dx * dx).sum(-1)

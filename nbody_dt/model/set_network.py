@@ -44,7 +44,7 @@ from nbody_dt.config import Config
 from nbody_dt.model.history import History
 from nbody_dt.model.network import ACTIVATIONS, LOG_DT_BOUND, DtNetwork
 from nbody_dt.physics.error_series import StepSeries, series_dt, step_series
-from nbody_dt.physics.gravity import Gravity, accelerations, kinetic_energy, potential_energy
+from nbody_dt.physics.gravity import Gravity, accelerations, kinetic_energy, pair_indices, potential_energy
 from nbody_dt.physics.state import State
 
 PAIR_FEATURES = 9
@@ -58,10 +58,6 @@ PRIOR_ERROR_ORDER = 3.0
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x on the real selected pairs, the most negative float elsewhere (no weight in a softmax)."""
     return torch.where(mask, x, torch.full_like(x, torch.finfo(x.dtype).min))
-
-
-def _pair_index(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.triu_indices(n, n, offset=1, device=device).unbind(0)
 
 
 def _freefall(r2: torch.Tensor, mass: torch.Tensor, gravity: Gravity, i: torch.Tensor,
@@ -86,7 +82,7 @@ def select_pairs(t_ff: torch.Tensor, n: int, how: str, k: int) -> tuple[torch.Te
         return idx, torch.ones_like(idx, dtype=torch.bool)
     if how != "per_body":
         raise ValueError(f"unknown pair selection {how!r} (expected one of {', '.join(PAIR_SELECTIONS)})")
-    i, j = _pair_index(n, t_ff.device)
+    i, j = pair_indices(n, t_ff.device)
     full = t_ff.new_full((b, n, n), math.inf)
     full[:, i, j] = t_ff
     full[:, j, i] = t_ff
@@ -130,7 +126,7 @@ def pair_set_features(state: State, gravity: Gravity, how: str = "all", k: int =
     """
     x, v, m = state.position, state.velocity, state.mass
     n = x.shape[1]
-    i_all, j_all = _pair_index(n, x.device)
+    i_all, j_all = pair_indices(n, x.device)
     if start is None:
         dx_all = x[:, j_all] - x[:, i_all]
         r2_all = (dx_all * dx_all).sum(-1)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from nbody_dt.physics.crossing import first_crossing
-from nbody_dt.physics.gravity import Gravity, min_freefall_time
+from nbody_dt.physics.gravity import Gravity, min_freefall_time, pair_indices
 from nbody_dt.physics.state import State
 
 
@@ -61,9 +61,9 @@ and selecting them costs more than it saves."""
 
 @functools.lru_cache(maxsize=8)
 def _pair_indices(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The pairs i < j of N bodies in `torch.triu_indices` order, and the flat (N N) indices of their
-    entries (i, j) and (j, i); cached (at N = 1024 building them costs a few ms a call)."""
-    i, j = torch.triu_indices(n, n, offset=1, device=device)
+    """The pairs i < j of N bodies (`pair_indices`) and the flat (N N) indices of their entries (i, j)
+    and (j, i); cached."""
+    i, j = pair_indices(n, device)
     return i, j, i * n + j, j * n + i
 
 
