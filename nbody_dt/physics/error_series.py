@@ -124,7 +124,8 @@ def step_series(state: State, gravity: Gravity, order: int = 12, far_order: int 
     b, n, d = x.shape
     terms = order + 1
     i, j, upper, lower = _pair_indices(n, x.device)
-    real = (m[:, i] != 0) & (m[:, j] != 0)
+    mi, mj = m[:, i], m[:, j]
+    real = (mi != 0) & (mj != 0)
 
     def pull(pairs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """sum_j w_ij m_j (q_j - q_i) for symmetric pair weights (..., B, P) and body values q (B, N, C)."""
@@ -175,7 +176,7 @@ def step_series(state: State, gravity: Gravity, order: int = 12, far_order: int 
     f[0, 0] = inv_root
     f[0, 1] = inv_root / s0
     _power_terms(f, ratio, 1)
-    mm = m[:, i] * m[:, j]
+    mm = mi * mj
     potential = -gravity.G * (f[:, 0] * mm).sum(-1)  # (K, B)
     # the end kick's force a(x1(h)) = G sum_j m_j dx(h) s(h)^(-3/2): with (q_0, q_1, q_2) = (x, v, a0 / 2),
     # dx's coefficient c is q_c,j - q_c,i, and its h^c shifts the weights' terms up by c
