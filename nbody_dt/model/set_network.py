@@ -41,10 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbody_dt.config import Config
+from nbody_dt.model import pair_kernel
 from nbody_dt.model.history import History
 from nbody_dt.model.network import ACTIVATIONS, LOG_DT_BOUND, DtNetwork
 from nbody_dt.physics.error_series import StepSeries, series_dt, step_series
 from nbody_dt.physics.gravity import Gravity, accelerations, kinetic_energy, pair_indices, potential_energy
+from nbody_dt.physics.series_kernel import as_array, as_tensor
 from nbody_dt.physics.state import State
 
 PAIR_FEATURES = 9
@@ -123,7 +125,36 @@ def pair_set_features(state: State, gravity: Gravity, how: str = "all", k: int =
     min/max, log1p(eps^2 / r^2), the tidal field of the other bodies on the pair, log(|a_ext| r^2 /
     G m) with a_ext the relative acceleration less the pair's own, and log of the pair's share of
     the binding energy, G m_i m_j / r / |W|.
+
+    On the CPU the selections "system" and "all" come from the compiled kernel
+    (`pair_kernel.tightest_pair_features`, float64), elsewhere from `pair_set_features_torch`.
     """
+    if state.position.device.type == "cpu" and how in ("system", "all"):
+        return _pair_set_kernel(state, gravity, how, k, start)
+    return pair_set_features_torch(state, gravity, how, k, start)
+
+
+def _pair_set_kernel(state: State, gravity: Gravity, how: str, k: int, start: StepSeries | None) -> PairSet:
+    """`pair_set_features` from the compiled CPU kernel (`pair_kernel`), in float64."""
+    x = state.position
+    if start is None:
+        i, j = pair_indices(x.shape[1], x.device)
+        dx = x[:, j] - x[:, i]
+        start = StepSeries(None, accelerations(x, state.mass, gravity), kinetic_energy(state),
+                           potential_energy(state, gravity), (dx * dx).sum(-1))
+
+    k = x.shape[1] ** 2 if how == "all" else k
+    out = pair_kernel.tightest_pair_features(
+        as_array(x), as_array(state.velocity), as_array(state.mass), as_array(start.acceleration),
+        as_array(start.kinetic), as_array(start.potential), as_array(start.separation2), float(gravity.G),
+        float(gravity.softening) ** 2, k)
+    return PairSet(*(as_tensor(a, x.dtype) for a in out))
+
+
+def pair_set_features_torch(state: State, gravity: Gravity, how: str = "all", k: int = 8,
+                            start: StepSeries | None = None) -> PairSet:
+    """`pair_set_features` in torch operations, on any device and for every selection: the reference
+    implementation."""
     x, v, m = state.position, state.velocity, state.mass
     n = x.shape[1]
     i_all, j_all = pair_indices(n, x.device)

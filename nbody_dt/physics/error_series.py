@@ -6,10 +6,12 @@ coefficients follow from pairwise sums over the start state: every pair's square
 s(h) = |dx(h)|^2 + eps^2 is a polynomial of degree 4, and s^(-1/2) (the potential) and s^(-3/2)
 (the end kick's force) are expanded by the power recurrence of truncated series. The KDK step's
 error starts at h^3; higher orders carry the sign cancellations between pairs that set where the
-error first reaches a threshold. This costs no trial step, but at order 12 the wall time of about
-3 force evaluations from N = 256 up, 8 at N = 64 and 15-20 at N <= 16, where a call's roughly 800
-torch operations cost more than their arithmetic (benchmarks/README.md, "Where a learned step's time
-goes").
+error first reaches a threshold. This costs no trial step. On the CPU the series and its dt come
+from compiled loops (`series_kernel`: about 1-1.3x a force evaluation from N = 64 up, 0.5x at N =
+16); the torch implementation below (`step_series_torch`, `series_dt_torch`) is the reference they
+are tested against and the path on other devices, where at order 12 a call's roughly 800 torch
+operations cost 8-20 force evaluations at N <= 64 and about 3 from N = 256 up
+(benchmarks/README.md, "Where a learned step's time goes", "A compiled series").
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import functools
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from nbody_dt.physics import series_kernel
 from nbody_dt.physics.crossing import first_crossing
 from nbody_dt.physics.gravity import Gravity, min_freefall_time, pair_indices
 from nbody_dt.physics.state import State
@@ -104,7 +108,23 @@ def energy_error_series(state: State, gravity: Gravity, order: int = 12, far_ord
 def step_series(state: State, gravity: Gravity, order: int = 12, far_order: int = FAR_ORDER,
                 tight_ratio: float = TIGHT_RATIO) -> StepSeries:
     """Taylor coefficients c_0..c_order of (E(KDK step by h) - E0) / |E0| in h, shape (B, order + 1),
-    with the start-state terms they are built from (`StepSeries`).
+    with the start-state terms they are built from (`StepSeries`): on the CPU from the compiled
+    kernel (`series_kernel`, in float64 whatever the state's dtype), elsewhere from the torch
+    implementation (`step_series_torch`, the reference the kernel is tested against)."""
+    x = state.position
+    if x.device.type != "cpu":
+        return step_series_torch(state, gravity, order, far_order, tight_ratio)
+    tiered = far_order < order and x.shape[1] >= TIERED_FROM_BODIES
+    out = series_kernel.step_series(series_kernel.as_array(x, 3), series_kernel.as_array(state.velocity, 3),
+                                    series_kernel.as_array(state.mass), float(gravity.G),
+                                    float(gravity.softening) ** 2, order, far_order, tight_ratio, tiered)
+    coefficients, acceleration, kinetic, potential, separation2 = (series_kernel.as_tensor(a, x.dtype) for a in out)
+    return StepSeries(coefficients, acceleration[..., :x.shape[-1]], kinetic, potential, separation2)
+
+
+def step_series_torch(state: State, gravity: Gravity, order: int = 12, far_order: int = FAR_ORDER,
+                      tight_ratio: float = TIGHT_RATIO) -> StepSeries:
+    """`step_series` in torch operations, on any device: the reference implementation.
 
     c_0 is 0 and c_1, c_2 vanish up to round-off (the step is second order). Padding (zero mass) is
     ignored as everywhere in physics. Each pair i < j is expanded once, its coefficients first and the
@@ -219,6 +239,15 @@ where they disagree the series has not converged at that dt (a close approach wi
 its radius of convergence), and the smallest is the cautious reading (benchmarks/README.md)."""
 
 
+@functools.lru_cache(maxsize=8)
+def _scan_fractions(span: tuple[float, float], points: int, refine_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scan's grid as fractions of its scale and the refinements' interior fractions of a
+    bracket, in float64, as the torch path builds them; cached."""
+    factors = torch.logspace(math.log10(span[0]), math.log10(span[1]), points, dtype=torch.float64)
+    interior = torch.linspace(0, 1, refine_points + 2, dtype=torch.float64)[1:-1]
+    return factors.numpy(), interior.numpy()
+
+
 def series_dt(coefficients: torch.Tensor, threshold: float, scale: torch.Tensor, truncations: int = TRUNCATIONS,
               span: tuple[float, float] = (1e-3, 10.0), points: int = 160, refinements: int = 2,
               refine_points: int = 64) -> torch.Tensor:
@@ -226,7 +255,21 @@ def series_dt(coefficients: torch.Tensor, threshold: float, scale: torch.Tensor,
     at each of its last `truncations` orders: a geometric scan of `points` trial steps spanning `span`
     times `scale` (B,), its bracket refined `refinements` times by `refine_points` interior steps (to
     about 1e-5 of dt); the top of the span if the series never reaches it, and half its bottom if it
-    already does there. Shape (B,)."""
+    already does there. Shape (B,). On the CPU from the compiled kernel (`series_kernel.series_dt`,
+    float64), elsewhere from `series_dt_torch`."""
+    truncations = max(1, min(truncations, coefficients.shape[1] - 3))
+    if coefficients.device.type != "cpu":
+        return series_dt_torch(coefficients, threshold, scale, truncations, span, points, refinements, refine_points)
+    factors, interior = _scan_fractions(span, points, refine_points)
+    dt = series_kernel.series_dt(series_kernel.as_array(coefficients), float(threshold), series_kernel.as_array(scale),
+                                 truncations, factors, interior, refinements)
+    return series_kernel.as_tensor(dt, coefficients.dtype)
+
+
+def series_dt_torch(coefficients: torch.Tensor, threshold: float, scale: torch.Tensor, truncations: int = TRUNCATIONS,
+                    span: tuple[float, float] = (1e-3, 10.0), points: int = 160, refinements: int = 2,
+                    refine_points: int = 64) -> torch.Tensor:
+    """`series_dt` in torch operations, on any device: the reference implementation (`first_crossing`)."""
     b, terms = coefficients.shape
     truncations = max(1, min(truncations, terms - 3))
     orders = torch.arange(terms, device=coefficients.device)
