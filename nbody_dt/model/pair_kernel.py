@@ -14,6 +14,8 @@ import math
 import numba
 import numpy as np
 
+from nbody_dt.physics.series_kernel import pair_indices
+
 TINY = 1e-30
 """`set_network._TINY`: the floor of separations, masses and energies."""
 
@@ -29,13 +31,7 @@ def tightest_pair_features(x: np.ndarray, v: np.ndarray, m: np.ndarray, accelera
     b_count, n, d = x.shape
     p_count = n * (n - 1) // 2
     size = min(k, p_count)
-    pi = np.empty(p_count, np.int64)
-    pj = np.empty(p_count, np.int64)
-    p = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            pi[p], pj[p] = i, j
-            p += 1
+    pi, pj = pair_indices(n)
     features = np.zeros((b_count, size, 9))
     mask = np.zeros((b_count, size), np.bool_)
     t_min = np.empty(b_count)

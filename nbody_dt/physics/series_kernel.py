@@ -38,6 +38,19 @@ def as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 @numba.njit(cache=True, nogil=True)
+def pair_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs i < j of n bodies, in `gravity.pair_indices` (`torch.triu_indices`) order."""
+    pi = np.empty(n * (n - 1) // 2, np.int64)
+    pj = np.empty(n * (n - 1) // 2, np.int64)
+    p = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            pi[p], pj[p] = i, j
+            p += 1
+    return pi, pj
+
+
+@numba.njit(cache=True, nogil=True)
 def _power_coefficients(terms: int) -> np.ndarray:
     """(terms, 2, 5): (alpha j - (k - j)) / k of the power recurrence of s^alpha, alpha = -1/2, -3/2."""
     out = np.zeros((terms, 2, 5))
@@ -60,13 +73,7 @@ def step_series(x: np.ndarray, v: np.ndarray, m: np.ndarray, G: float, eps2: flo
     p_count = n * (n - 1) // 2
     terms = order + 1
     low = min(far_order, order) if tiered else order
-    pi = np.empty(p_count, np.int64)
-    pj = np.empty(p_count, np.int64)
-    p = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            pi[p], pj[p] = i, j
-            p += 1
+    pi, pj = pair_indices(n)
     coef = _power_coefficients(terms)
     coefficients = np.zeros((b_count, terms))
     acceleration = np.zeros((b_count, n, 3))
