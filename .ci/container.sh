@@ -9,7 +9,8 @@
 #          placeholder secrets it must pass, and without any one of them it
 #          must stop with a message naming that variable
 #   build  lint + set up podman, make the base image, build the CPU image
-#   all    build + run it: `nbody-dt --help`, a tiny training run with its
+#   all    build + run it: `nbody-dt --help`, a tiny training run of the embedded
+#          default (the general model: one system of each of its 7 families) with its
 #          run directory on a mounted host directory, then `nbody-dt report`
 #          of that run from the host
 #
@@ -233,8 +234,8 @@ RUNS_DIR=$(mktemp -d /tmp/nbody-dt-container-runs.XXXXXX)
 chown "$user" "$RUNS_DIR"
 podman run --rm --network none -v "$RUNS_DIR:/runs" "$IMAGE" \
     train --run-dir /runs/tiny \
-    --set epochs=1 --set collect.steps_per_epoch=4 --set initial_conditions.num_orbits=2 \
-    --set replay.steps=5 --set 'model.hidden=[8]' --json > "$CACHE/train.json"
+    --set epochs=1 --set collect.steps_per_epoch=4 --set initial_conditions.num_orbits=7 \
+    --set replay.steps=5 --set replay.final_steps=5 --set 'model.hidden=[8]' --json > "$CACHE/train.json"
 python3 -c 'import json, sys; json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])' "$CACHE/train.json" \
     || { cat "$CACHE/train.json" >&2; log "train --json did not print JSON"; exit 1; }
 log "train: $(tail -c 400 "$CACHE/train.json")"

@@ -130,7 +130,7 @@ def cmd_simulate(args) -> int:
 def load_learned(source: str):
     """(model, criteria, config) of a checkpoint file or of a run URL's newest intact checkpoint,
     on the CPU; UsageError naming the source when it is none of these."""
-    from nbody_dt.config import ConfigError, from_dict
+    from nbody_dt.config import ConfigError, from_stored
     from nbody_dt.model.evaluate import StepCriteria
     from nbody_dt.storage import read_checkpoint
     from nbody_dt.storage.errors import RunError
@@ -141,7 +141,7 @@ def load_learned(source: str):
     except RunError as exc:
         raise UsageError(f"--checkpoint {exc}") from None
     try:
-        cfg = from_dict({**payload["config"], "device": "cpu"})
+        cfg = from_stored({**payload["config"], "device": "cpu"})
     except ConfigError as exc:  # e.g. a key of a newer nbody-dt
         raise UsageError(f"--checkpoint {source}: its config is not one this nbody-dt reads ({exc})") from None
     return load_model(payload, cfg), StepCriteria.from_config(cfg), cfg
@@ -281,8 +281,7 @@ def _run_training(args, mode: str) -> int:
               f"{summary['final_pass_rate']}, {summary['wall_s']:.1f} s)")
         print(f"latest checkpoint: {summary['latest_checkpoint']}")
         print("try the model:")
-        print(f"  nbody-dt simulate --policy learned --checkpoint {summary['run_url']} "
-              "--ic kepler --e 0.9 --periods 10")
+        print(f"  {summary['try']}")
     return 0
 
 

@@ -60,8 +60,8 @@ def _pair(lo: float, hi: float) -> Any:
 
 class PhysicsConfig(Section):
     G: Float = opt(1.0, "gravitational constant", gt=0)
-    softening: Float = opt(0.0, "Plummer softening length epsilon (0 = none)", ge=0)
-    dim: Literal[2, 3] = opt(2, "spatial dimensions")
+    softening: Float = opt(0.01, "Plummer softening length epsilon (0 = none)", ge=0)
+    dim: Literal[2, 3] = opt(3, "spatial dimensions")
 
 
 Family = Literal["kepler", "hierarchical", "figure8", "free_fall", "plummer"]
@@ -69,7 +69,7 @@ Family = Literal["kepler", "hierarchical", "figure8", "free_fall", "plummer"]
 
 class InitialConditionsConfig(Section):
     kind: Literal["kepler", "plummer", "three_body", "figure8", "pythagorean", "mixture"] = opt(
-        "kepler", "training systems: Kepler ensemble, Plummer spheres, free-fall three-body ensemble, figure-eight, "
+        "mixture", "training systems: Kepler ensemble, Plummer spheres, free-fall three-body ensemble, figure-eight, "
                   "Pythagorean, or a mixture of families and N (the families/family_* keys; needs model.kind = "
                   "'set')")
     num_orbits: Int = opt(64, "independent systems advanced together as one batch", ge=1, le=1_000_000)
@@ -81,17 +81,17 @@ class InitialConditionsConfig(Section):
     start: Literal["apocentre", "pericentre"] = opt("apocentre", "where Kepler orbits start")
     n_bodies: Int = opt(16, "bodies per Plummer sphere", ge=2, le=4096)
     families: tuple[Family, ...] = opt(
-        ("kepler", "hierarchical", "hierarchical", "figure8", "free_fall", "plummer"),
+        ("kepler", "hierarchical", "hierarchical", "figure8", "free_fall", "free_fall", "plummer"),
         "mixture: one family per entry: kepler (N = 2, e and a stratified over e_range and a_range), hierarchical "
         "(inner binary + outer companions), figure8 (perturbed figure-eights, N = 3), free_fall (cold collapses, "
         "masses in mass_range), plummer (virialized spheres, dim = 3)", min_length=1)
     family_n: tuple[Annotated[int, Interval(ge=2, le=4096), BeforeValidator(_number)], ...] = opt(
-        (2, 3, 4, 3, 3, 16), "mixture: bodies of each entry's systems", min_length=1)
+        (2, 3, 4, 3, 3, 5, 16), "mixture: bodies of each entry's systems", min_length=1)
     family_weights: tuple[Annotated[float, Interval(gt=0, le=1e6), BeforeValidator(_number)], ...] = opt(
-        (0.3, 0.15, 0.1, 0.1, 0.15, 0.2), "mixture: share of num_orbits of each entry (normalized; at least one "
-                                          "system each)", min_length=1)
+        (0.3, 0.15, 0.1, 0.1, 0.1, 0.05, 0.2), "mixture: share of num_orbits of each entry (normalized; at least "
+                                               "one system each)", min_length=1)
     family_scale: tuple[Annotated[float, Interval(gt=1e-6, le=1e6), BeforeValidator(_number)], ...] = opt(
-        (100.0, 100.0, 100.0, 100.0, 100.0, 1.0), "mixture: length scale of each entry's systems (scale-free "
+        (100.0, 100.0, 100.0, 100.0, 100.0, 100.0, 1.0), "mixture: length scale of each entry's systems (scale-free "
         "orbits; a large scale makes physics.softening negligible for point-mass families while Plummer spheres "
         "keep it)", min_length=1)
     seed: Int = opt(0, "seed of the initial conditions (a torch generator seed: 64 bits)", ge=0, le=2**64 - 1)
@@ -101,13 +101,13 @@ class InitialConditionsConfig(Section):
 
 class ModelConfig(Section):
     kind: Literal["mlp", "set"] = opt(
-        "mlp", "dt network: 'mlp' (the flattened features of one fixed N) or 'set' (one encoder shared by every "
+        "set", "dt network: 'mlp' (the flattened features of one fixed N) or 'set' (one encoder shared by every "
                "pair, pooled permutation-invariantly: any N, mixed-N batches)")
     hidden: tuple[Annotated[int, Interval(ge=1, le=65536), BeforeValidator(_number)], ...] = opt(
-        (64, 64, 64), "hidden layer widths of the dt MLP (set: of the shared pair encoder; its head has one hidden "
+        (48, 48), "hidden layer widths of the dt MLP (set: of the shared pair encoder; its head has one hidden "
                       "layer of the last width)", min_length=1)
     pairs: Literal["all", "per_body", "system"] = opt(
-        "all", "set: pairs encoded: all N(N-1)/2, the pair_k tightest (smallest free-fall time) of each body, or "
+        "system", "set: pairs encoded: all N(N-1)/2, the pair_k tightest (smallest free-fall time) of each body, or "
                "the pair_k tightest of the system")
     pair_k: Int = opt(8, "set: k of model.pairs = 'per_body' or 'system'", ge=1, le=1_000_000)
     pooling: Literal["attention", "error_sum"] = opt(
@@ -121,14 +121,14 @@ class ModelConfig(Section):
             "energy share, is the base this network learns to correct; copied into this run's checkpoints at the "
             "fresh start and never trained. Empty: the base is the smallest pair free-fall time")
     error_series: Int = opt(
-        0, "set: order (>= 3) of the Taylor series in dt of the KDK step's energy error, computed from the start "
+        12, "set: order (>= 3) of the Taylor series in dt of the KDK step's energy error, computed from the start "
            "state alone (no trial step): the dt at which it reaches collect.energy_threshold is the base, which the "
            "network may only shorten, starting at the centre of loss.dt_fraction_range times it (order 12 finds "
            "the oracle's dt to < 1 % on the validation systems: benchmarks/README.md). Not with a pair prior or "
            "the error_sum pooling. 0: off (the base is the pair prior's dt, or the smallest pair free-fall time)",
         ge=0, le=16)
     series_margin: float = opt(
-        0.0, "set, with error_series: the learned dt is at most (1 - series_margin) times the series' dt. The "
+        0.01, "set, with error_series: the learned dt is at most (1 - series_margin) times the series' dt. The "
              "series' dt is where the step's error reaches the threshold, so a step at it lands on the tolerance's "
              "edge, where training leaves it (benchmarks/README.md, \"A faster series, a fixed-size pair set and a "
              "margin\"). 0: no margin",
@@ -162,7 +162,7 @@ class CollectConfig(Section):
     accept_safe_after: Int = opt(200, "accept a step below accept_lower (safe, but under the band) after this many "
                                       "consecutive failed tries of its system (0 = never: the band strictly)", ge=0)
     on_stall: Literal["raise", "restart"] = opt(
-        "raise", "a system failing more than max_retrain_steps tries in a row: end the stage with an error that "
+        "restart", "a system failing more than max_retrain_steps tries in a row: end the stage with an error that "
                  "keeps its rows ('raise'), or start that system over from a fresh one of its family, drawn at a seed "
                  "derived from initial_conditions.seed, once per epoch ('restart')")
 
@@ -191,10 +191,11 @@ class LossConfig(Section):
 
 
 class ReplayConfig(Section):
-    batch_size: Int = opt(512, "minibatch size", ge=1, le=10_000_000)
-    steps: Int = opt(1000, "iteration cap per replay stage", ge=0, le=100_000_000)
-    final_steps: Int = opt(0, "iteration cap of the last epoch's replay (0 = replay.steps): a long last replay undoes "
-                              "what the last collection's retraining did to the weights", ge=0, le=100_000_000)
+    batch_size: Int = opt(256, "minibatch size", ge=1, le=10_000_000)
+    steps: Int = opt(300, "iteration cap per replay stage", ge=0, le=100_000_000)
+    final_steps: Int = opt(4000, "iteration cap of the last epoch's replay (0 = replay.steps): a long last replay "
+                                 "undoes what the last collection's retraining did to the weights", ge=0,
+                           le=100_000_000)
     min_size: Int = opt(2, "skip replay while the window holds fewer rows", ge=1)
     window: Literal["epoch", "all", "last"] = opt("all", "rows replayed: this epoch's, all, or the last `last_rows`")
     last_rows: Int = opt(100_000, "rows in the 'last' window", ge=1)
@@ -391,6 +392,37 @@ def from_dict(data: dict) -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_error_line(exc.errors()[0])) from None
+
+
+BEFORE_GENERAL_DEFAULT = {
+    "physics": {"dim": 2, "softening": 0.0},
+    "initial_conditions": {"kind": "kepler",
+                           "families": ["kepler", "hierarchical", "hierarchical", "figure8", "free_fall", "plummer"],
+                           "family_n": [2, 3, 4, 3, 3, 16], "family_weights": [0.3, 0.15, 0.1, 0.1, 0.15, 0.2],
+                           "family_scale": [100.0, 100.0, 100.0, 100.0, 100.0, 1.0]},
+    "model": {"kind": "mlp", "hidden": [64, 64, 64], "pairs": "all", "error_series": 0, "series_margin": 0.0},
+    "collect": {"on_stall": "raise"},
+    "replay": {"batch_size": 512, "steps": 1000, "final_steps": 0},
+}
+"""The defaults of the keys that changed when the general model became the embedded default (the Kepler
+MLP's before): a stored config that lacks one of them was written before that key existed, when it meant
+this value."""
+
+
+def from_stored(data: dict) -> Config:
+    """A config as a run or checkpoint stored it: the keys it lacks (it predates them) take the values
+    they had then (BEFORE_GENERAL_DEFAULT), not today's defaults; then `from_dict`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a table, got {data!r}")
+    return from_dict(on_top_of(BEFORE_GENERAL_DEFAULT, data))
+
+
+def on_top_of(base: dict, data: dict) -> dict:
+    """A config dict of sections: `data`'s keys, and `base`'s where `data` lacks them."""
+    out = {section: dict(keys) for section, keys in base.items()}
+    for key, value in data.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:

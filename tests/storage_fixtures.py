@@ -15,6 +15,7 @@ import torch
 import nbody_dt
 from nbody_dt import config
 from nbody_dt.model.trajectory import Rows
+from tests.conftest import LEGACY
 
 REPO = Path(nbody_dt.__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -22,7 +23,7 @@ TESTS = Path(__file__).resolve().parent
 
 def small_config(*overrides: str) -> config.Config:
     """The default config with small chunks, so that appends straddle chunk boundaries."""
-    return config.load(overrides=["storage.chunk_rows=5", "initial_conditions.num_orbits=4", *overrides])
+    return config.load(overrides=[*LEGACY, "storage.chunk_rows=5", "initial_conditions.num_orbits=4", *overrides])
 
 
 def make_rows(epoch: int, orbits: list[int], steps: int, *, first_step: int = 0, warmup_steps: int = 0,

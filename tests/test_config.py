@@ -33,16 +33,17 @@ def test_configs_are_frozen():
         cfg.replay.batch_size = 3
     with pytest.raises(AttributeError):
         cfg.model.hidden.append(1)  # lists are tuples: nothing inside a config can change
-    assert C.Config().model.hidden == (64, 64, 64) and hash(cfg) == hash(C.Config())
+    assert C.Config().model.hidden == (48, 48) and hash(cfg) == hash(C.Config())
 
 
 def test_toml_file_loading(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(
         "epochs = 3\nseed = 7\n"
-        "[model]\nhidden = [32, 16]\nfeatures = \"delta_mag\"\nhistory_len = 2\n"
+        "[model]\nkind = \"mlp\"\nerror_series = 0\nseries_margin = 0.0\nhidden = [32, 16]\nfeatures = \"delta_mag\"\n"
+        "history_len = 2\n"
         "[replay]\nbatch_size = 256\nverify = \"full\"\n"
-        "[initial_conditions]\ne_range = [0, 0.5]\n"
+        "[initial_conditions]\nkind = \"kepler\"\ne_range = [0, 0.5]\n"
     )
     cfg = C.load(path)
     assert (cfg.epochs, cfg.seed) == (3, 7)
@@ -155,7 +156,8 @@ def test_consistency_checks(overrides, key):
 
 
 def test_consistent_variants_are_accepted():
-    assert C.load(overrides=["model.features=delta_mag", "model.history_len=1"]).model.features == "delta_mag"
+    mlp = ["initial_conditions.kind=kepler", "model.kind=mlp", "model.error_series=0", "model.series_margin=0.0"]
+    assert C.load(overrides=[*mlp, "model.features=delta_mag", "model.history_len=1"]).model.features == "delta_mag"
     assert C.load(overrides=["collect.accept_lower=0"]).collect.accept_lower == 0.0
     assert C.load(overrides=["initial_conditions.kind=plummer", "physics.dim=3"]).physics.dim == 3
     assert C.load(overrides=["initial_conditions.kind=pythagorean", "initial_conditions.num_orbits=1"])

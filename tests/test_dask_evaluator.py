@@ -38,18 +38,19 @@ from nbody_dt.training.epoch import MemoryRun, train_epoch  # noqa: E402
 from nbody_dt.training.evaluators import LocalEvaluator, split_minibatch  # noqa: E402
 from nbody_dt.training.replay import generalize_on_trajectory, sample_minibatch  # noqa: E402
 from nbody_dt.training.setup import make_optimizer, start_training  # noqa: E402
+from tests.conftest import with_legacy  # noqa: E402
 from tests.dask_faults import KillWorkerOnTask  # noqa: E402
 
 # A tiny network and a band the untrained network misses often: replay has failing samples
 # every iteration (10 iterations per epoch), and collection retrains as well.
-SMALL = {
+SMALL = with_legacy({
     "model": {"hidden": [16, 16]},
     "collect": {"steps_per_epoch": 8, "energy_threshold": 1e-3, "accept_lower": 1e-5},
     "loss": {"lower": 3e-5, "upper": 3e-4},
     "initial_conditions": {"num_orbits": 8},
     "replay": {"steps": 10, "batch_size": 64},
     "epochs": 2,
-}
+})
 
 
 def small_config(**sections) -> Config:

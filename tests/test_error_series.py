@@ -25,6 +25,7 @@ from nbody_dt.physics.integrator import kdk_step
 from nbody_dt.physics.policies import oracle_dt
 from nbody_dt.physics.problems import make_problem
 from nbody_dt.physics.state import State
+from tests.conftest import LEGACY
 
 SOFT = Gravity(1.0, 0.01)
 
@@ -165,7 +166,7 @@ def test_a_learned_policy_on_the_series_reads_it_at_the_tolerance_it_is_run_at()
     from nbody_dt.model.evaluate import StepCriteria
 
     problem = make_problem("plummer", n=8, seed=3, softening=0.01, t_end=0.5)
-    criteria = StepCriteria.from_config(load(None, []))
+    criteria = StepCriteria.from_config(load(None, LEGACY + []))
     assert criteria.energy_threshold == 2e-4
     policy = make_policy("learned", problem, 5e-5, model=series_network(), criteria=criteria)
     first = policy.advance(problem.state, math.inf)
@@ -186,14 +187,15 @@ def test_a_learned_policy_on_the_series_reads_it_at_the_tolerance_it_is_run_at()
 ])
 def test_config_refuses_an_error_series_it_cannot_use_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
-        load(None, overrides)
+        load(None, LEGACY + overrides)
     assert "\n" not in str(info.value)
 
 
 def test_a_series_margin_caps_the_learned_dt_below_the_series_dt():
     from nbody_dt.model.set_network import build_network
 
-    cfg = load(None, ["model.kind='set'", "model.hidden=[8]", "model.error_series=8", "model.series_margin=0.05"])
+    cfg = load(None, LEGACY + ["model.kind='set'", "model.hidden=[8]", "model.error_series=8",
+                               "model.series_margin=0.05"])
     model = build_network(cfg, 2).for_gravity(SOFT)
     state, g = systems()
     series = error_series_dt(state, g, 2e-4, 8)
@@ -206,7 +208,7 @@ def test_a_series_margin_caps_the_learned_dt_below_the_series_dt():
 def test_the_network_reads_its_threshold_from_the_config():
     from nbody_dt.model.set_network import build_network
 
-    cfg = load(None, ["model.kind='set'", "model.error_series=6", "collect.energy_threshold=1e-5",
+    cfg = load(None, LEGACY + ["model.kind='set'", "model.error_series=6", "collect.energy_threshold=1e-5",
                       "collect.accept_lower=1e-6"])
     model = build_network(cfg, 2)
     assert (model.error_series, model.threshold) == (6, 1e-5)

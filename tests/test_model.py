@@ -17,6 +17,7 @@ from nbody_dt.physics import initial_conditions as ics
 from nbody_dt.physics.gravity import Gravity, min_freefall_time, pair_freefall_times
 from nbody_dt.physics.integrator import kdk_step
 from nbody_dt.physics.state import State
+from tests.conftest import LEGACY
 
 F64 = torch.float64
 G1 = Gravity()
@@ -237,7 +238,7 @@ def test_network_scales_are_saved_with_the_weights_and_fourier_features():
 
 
 def test_network_from_config():
-    cfg = C.load(overrides=["model.hidden=[8, 4]", "model.activation='tanh'", "model.features='basic'",
+    cfg = C.load(overrides=LEGACY + ["model.hidden=[8, 4]", "model.activation='tanh'", "model.features='basic'",
                             "model.history_len=2", "physics.G=2.0"])
     net = DtNetwork.from_config(cfg, num_bodies=2)
     linear = [m for m in net.mlp if isinstance(m, torch.nn.Linear)]

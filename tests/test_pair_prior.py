@@ -16,7 +16,7 @@ from nbody_dt.physics import initial_conditions as ics
 from nbody_dt.physics.gravity import Gravity
 from nbody_dt.physics.state import State
 from nbody_dt.training.setup import load_model, pair_prior_weights, snapshot, start_training
-from tests.conftest import tiny_overrides
+from tests.conftest import LEGACY, tiny_overrides
 
 TWO_BODY = ["model.kind='set'", "model.hidden=[8, 8]"]
 MIXTURE = ["model.kind='set'", "model.hidden=[8, 8]", "initial_conditions.kind='mixture'", "physics.dim=3",
@@ -29,7 +29,7 @@ MIXTURE = ["model.kind='set'", "model.hidden=[8, 8]", "initial_conditions.kind='
 @pytest.fixture(scope="module")
 def two_body() -> dict:
     """The payload of an untrained two-body set network whose dt varies strongly with the state."""
-    cfg = load(None, TWO_BODY)
+    cfg = load(None, LEGACY + TWO_BODY)
     training = start_training(cfg)
     with torch.no_grad():
         training.model.head[-1].weight.mul_(30.0)
@@ -38,7 +38,7 @@ def two_body() -> dict:
 
 def with_prior(two_body: dict, extra: list[str] = ()) -> torch.nn.Module:
     """A mixture network whose base is the two-body network's prior and whose correction is zero."""
-    cfg = load(None, MIXTURE + list(extra))
+    cfg = load(None, LEGACY + MIXTURE + list(extra))
     model = start_training(cfg, two_body).model
     with torch.no_grad():
         model.head[-1].weight.zero_()  # no correction and full trust: the network's dt is the prior's
@@ -59,7 +59,7 @@ def lone_pairs(state: State) -> tuple[State, torch.Tensor, torch.Tensor, torch.T
 def test_with_no_correction_the_network_is_its_prior_on_two_bodies_and_adds_the_pairs_errors(two_body):
     g = Gravity(1.0, 0.01)
     model = with_prior(two_body)
-    alone = load_model(two_body, load(None, TWO_BODY)).for_gravity(g)
+    alone = load_model(two_body, load(None, LEGACY + TWO_BODY)).for_gravity(g)
     kepler = ics.kepler_ensemble(6, e_range=(0.0, 0.9), a_range=(0.5, 2.0), seed=3, dim=3)[0]
     kepler = State(kepler.position * 100, kepler.velocity / 10, kepler.mass)  # the mixture's scale: eps negligible
     torch.testing.assert_close(model.for_gravity(g).log_dt(kepler), alone.log_dt(kepler), rtol=0, atol=1e-12)
@@ -90,7 +90,7 @@ def test_the_prior_is_permutation_invariant_and_padding_changes_nothing(two_body
 
 
 def test_the_prior_is_frozen_and_travels_in_the_checkpoint(two_body):
-    cfg = load(None, MIXTURE)
+    cfg = load(None, LEGACY + MIXTURE)
     training = start_training(cfg, two_body)
     model = training.model
     prior = {k: v.clone() for k, v in model.prior.state_dict().items()}
@@ -113,13 +113,13 @@ def test_the_prior_is_frozen_and_travels_in_the_checkpoint(two_body):
 
 def test_a_prior_that_does_not_fit_is_refused_in_one_line(two_body):
     with pytest.raises(ConfigError, match="only the set network"):
-        load(None, ["model.pair_prior='x.pt'"])
-    cfg = load(None, MIXTURE)
+        load(None, LEGACY + ["model.pair_prior='x.pt'"])
+    cfg = load(None, LEGACY + MIXTURE)
     with pytest.raises(ValueError, match="was not loaded"):
         start_training(cfg)
-    wider = load(None, MIXTURE + ["model.hidden=[16, 16]"])
-    mlp = load(None, ["model.hidden=[8, 8]"])
-    mixture_net = load(None, MIXTURE[:-1])
+    wider = load(None, LEGACY + MIXTURE + ["model.hidden=[16, 16]"])
+    mlp = load(None, LEGACY + ["model.hidden=[8, 8]"])
+    mixture_net = load(None, LEGACY + MIXTURE[:-1])
     cases = [(wider, two_body, "they must be the same"),
              (cfg, snapshot(start_training(mlp), mlp), "not a set network trained on two-body systems"),
              (cfg, snapshot(start_training(mixture_net), mixture_net), "5 bodies")]

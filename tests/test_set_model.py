@@ -3,6 +3,7 @@ pair selection, mixtures of initial conditions and mixed-N training through stor
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -24,6 +25,7 @@ from nbody_dt.training.setup import (
     snapshot,
     start_training,
 )
+from tests.conftest import LEGACY
 
 G0 = Gravity()
 MIXTURE = ["model.kind='set'", "model.hidden=[8, 8]", "initial_conditions.kind='mixture'", "physics.dim=3",
@@ -134,11 +136,11 @@ def test_pair_selection_costs_and_keeps_the_tightest_pairs():
 
 
 def test_build_network_keeps_the_mlp_reachable_and_refuses_the_wrong_n():
-    mlp = build_network(load(None, []), 2)
+    mlp = build_network(load(None, LEGACY + []), 2)
     assert type(mlp).__name__ == "DtNetwork"
     with pytest.raises(ValueError, match="N = 2 bodies, got N = 3"):
         mlp.check_takes(ics.figure_eight())
-    set_model = build_network(load(None, ["model.kind='set'"]), 2)
+    set_model = build_network(load(None, LEGACY + ["model.kind='set'"]), 2)
     set_model.check_takes(ics.plummer_sphere(64, 0))
     with pytest.raises(ValueError, match="at least 2 bodies"):
         lonely = ics.figure_eight()
@@ -148,18 +150,18 @@ def test_build_network_keeps_the_mlp_reachable_and_refuses_the_wrong_n():
 
 def test_config_refusals_are_one_line():
     with pytest.raises(ConfigError, match=r"families\[0\]: expected one of"):
-        load(None, MIXTURE + ["initial_conditions.families=['comet', 'hierarchical', 'plummer']"])
+        load(None, LEGACY + MIXTURE + ["initial_conditions.families=['comet', 'hierarchical', 'plummer']"])
     with pytest.raises(ConfigError, match="needs model.kind = 'set'"):
-        load(None, MIXTURE + ["model.kind='mlp'"])
+        load(None, LEGACY + MIXTURE + ["model.kind='mlp'"])
     with pytest.raises(ConfigError, match=r"family_n\[0\]: family 'kepler' has N = 2"):
-        load(None, MIXTURE + ["initial_conditions.family_n=[3, 3, 5]"])
+        load(None, LEGACY + MIXTURE + ["initial_conditions.family_n=[3, 3, 5]"])
     with pytest.raises(ConfigError, match="one entry each"):
-        load(None, MIXTURE + ["initial_conditions.family_weights=[1.0, 1.0]"])
+        load(None, LEGACY + MIXTURE + ["initial_conditions.family_weights=[1.0, 1.0]"])
     with pytest.raises(ConfigError, match="takes no history"):
-        load(None, ["model.kind='set'", "model.history_len=2"])
+        load(None, LEGACY + ["model.kind='set'", "model.history_len=2"])
     for exc in [ConfigError]:
         try:
-            load(None, MIXTURE + ["initial_conditions.families=['comet', 'hierarchical', 'plummer']"])
+            load(None, LEGACY + MIXTURE + ["initial_conditions.families=['comet', 'hierarchical', 'plummer']"])
         except exc as e:
             assert "\n" not in str(e)
 
@@ -168,7 +170,7 @@ def test_mixture_states_and_counts():
     assert mixture_counts([1.0, 1.0, 1.0], 6) == [2, 2, 2]
     assert mixture_counts([0.7, 0.2, 0.1], 10) == [7, 2, 1]
     assert mixture_counts([100.0, 1e-3], 3) == [2, 1]
-    cfg = load(None, MIXTURE)
+    cfg = load(None, LEGACY + MIXTURE)
     s = initial_states(cfg)
     assert s.position.shape == (6, 5, 3)
     assert (s.mass != 0).sum(-1).tolist() == [2, 2, 3, 3, 5, 5]
@@ -181,7 +183,7 @@ def test_mixture_states_and_counts():
 
 
 def test_restart_states_keep_each_orbits_family_and_n():
-    cfg = load(None, MIXTURE)
+    cfg = load(None, LEGACY + MIXTURE)
     first = initial_states(cfg)
     orbits = torch.tensor([5, 0, 3])
     fresh = restart_states(cfg, orbits, "epoch 2 orbits [5, 0, 3] steps [7, 1, 4]")
@@ -206,7 +208,7 @@ def test_mixed_n_training_stores_padded_rows_and_reloads(tmp_path):
     from nbody_dt.training.collect import collect_trajectory
     from nbody_dt.training.replay import generalize_on_trajectory
 
-    cfg = load(None, MIXTURE + ["collect.steps_per_epoch=3", "collect.accept_safe_after=20", "replay.steps=3",
+    cfg = load(None, LEGACY + MIXTURE + ["collect.steps_per_epoch=3", "collect.accept_safe_after=20", "replay.steps=3",
                                 "replay.batch_size=8", "model.initial_dt=0.02"])
     training = start_training(cfg)
     rows, training.live, metrics = collect_trajectory(training.model, training.optimizer, training.live, cfg, 0)
@@ -226,22 +228,28 @@ def test_mixed_n_training_stores_padded_rows_and_reloads(tmp_path):
 
 
 def test_a_checkpoint_from_before_the_set_network_still_loads():
-    cfg = load(None, ["model.hidden=[8]"])
+    cfg = load(None, LEGACY + ["model.hidden=[8]"])
     payload = snapshot(start_training(cfg), cfg)
-    old = payload["config"]
-    for key in ("kind", "pairs", "pair_k", "pooling"):
+    old = copy.deepcopy(payload["config"])
+    for key in ("kind", "pairs", "pair_k", "pooling", "pair_prior", "error_series", "series_margin"):
         del old["model"][key]
     for key in ("families", "family_n", "family_weights", "family_scale"):
         del old["initial_conditions"][key]
-    from nbody_dt.config import from_dict
+    del old["collect"]["on_stall"], old["replay"]["final_steps"]
+    from nbody_dt.config import from_dict, from_stored
 
-    model = load_model(payload, from_dict(old))
+    # a stored config's missing keys mean what they meant when it was written, not today's defaults
+    # (the general set network since it became the embedded default)
+    stored = from_stored(old)
+    assert stored == from_dict(payload["config"])
+    model = load_model(payload, stored)
     assert type(model).__name__ == "DtNetwork"
+    assert from_dict(old).model.kind == "set"  # today's defaults would read it as another model
 
 
 @POOLINGS
 def test_evaluate_step_runs_a_set_network_on_a_mixed_batch(pooling):
-    cfg = load(None, MIXTURE + [f"model.pooling='{pooling}'"])
+    cfg = load(None, LEGACY + MIXTURE + [f"model.pooling='{pooling}'"])
     s = initial_states(cfg)
     model = build_network(cfg, s.num_bodies)
     ev = evaluate_step(model, s, History.empty(s, 0), StepCriteria.from_config(cfg))
@@ -253,7 +261,7 @@ def test_simulate_refuses_a_system_an_mlp_checkpoint_cannot_take_and_a_set_netwo
     from nbody_dt.cli import main
 
     for kind, path in (("mlp", tmp_path / "mlp.pt"), ("set", tmp_path / "set.pt")):
-        cfg = load(None, ["model.hidden=[8]", f"model.kind='{kind}'"])
+        cfg = load(None, LEGACY + ["model.hidden=[8]", f"model.kind='{kind}'"])
         torch.save(snapshot(start_training(cfg), cfg), path)
     assert main(["simulate", "--policy", "learned", "--checkpoint", str(tmp_path / "mlp.pt"), "--ic", "figure8",
                  "--periods", "0.1"]) == 2

@@ -24,6 +24,7 @@ from nbody_dt.physics.gravity import Gravity, accelerations
 from nbody_dt.physics.problems import make_problem
 from nbody_dt.physics.simulate import simulate
 from nbody_dt.physics.state import State
+from tests.conftest import LEGACY
 
 G1 = Gravity()
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +151,7 @@ def test_make_policy_builds_the_symmetric_step_and_scales_the_learned_dt():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     """A checkpoint file of an untrained default-config network (N = 2)."""
-    cfg = C.load(overrides=["model.hidden=[8]"])
+    cfg = C.load(overrides=LEGACY + ["model.hidden=[8]"])
     net = DtNetwork.from_config(cfg, 2)
     net.set_scales(kepler())
     path = tmp_path_factory.mktemp("sym") / "model.pt"

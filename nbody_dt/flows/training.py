@@ -188,11 +188,21 @@ def summarize(run: Run, wall_s: float) -> dict:
         "final_pass_rate": last.get("replay_final_pass_rate"),
         "wall_s": wall_s,
         "latest_checkpoint": f"{run.url}/checkpoints/{stage_key(*ckpts[-1])}.pt" if ckpts else None,
+        "try": try_command(run),
     }
+
+
+def try_command(run: Run) -> str:
+    """The `nbody-dt simulate` command that tries the run's model: a set network (any N) on a held-out-like
+    Plummer sphere of 64 bodies, the fixed-N MLP on a Kepler orbit."""
+    head = f"nbody-dt simulate --policy learned --checkpoint {run.url}"
+    if run.config.model.kind == "set":
+        return f"{head} --ic plummer --n 64 --softening {run.config.physics.softening:g} --t-end 0.5"
+    return f"{head} --ic kepler --e 0.9 --periods 10"
 
 
 def _summary_markdown(summary: dict) -> str:
     lines = ["# nbody-dt training summary", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in summary.items()]
-    lines += ["", f"Try the model: `nbody-dt simulate --policy learned --checkpoint {summary['run_url']}`"]
+    lines += [f"| {k} | {v} |" for k, v in summary.items() if k != "try"]
+    lines += ["", f"Try the model: `{summary['try']}`"]
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
 from nbody_dt import __version__
-from nbody_dt.config import Config, ConfigError, diff, from_dict, safe_keys
+from nbody_dt.config import Config, ConfigError, diff, from_stored, safe_keys
 from nbody_dt.storage.errors import RunError, RunNotFound, one_line
 from nbody_dt.storage.trajectory_store import TrajectoryStore
 
@@ -126,7 +126,7 @@ class Run:
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.writable = writable
-        self.config: Config = from_dict(meta["config"])
+        self.config: Config = from_stored(meta["config"])
         self.created: str = meta["created"]
         self.package_version: str = meta["package_version"]
         self.schema_version: int = meta["schema_version"]
@@ -451,7 +451,7 @@ def _read_meta(fs, root: str, url: str) -> dict:
         raise RunError(f"corrupt run metadata {where}: {', '.join(sorted(missing))} missing")
     _upgrade_config(meta)
     try:
-        from_dict(meta["config"])
+        from_stored(meta["config"])
     except (ConfigError, TypeError, AttributeError) as exc:
         if "unknown key" in str(exc):  # most likely a run of a newer nbody-dt, not a damaged file
             writer = meta["package_version"]

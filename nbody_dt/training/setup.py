@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nbody_dt.config import Config, ConfigError, from_dict
+from nbody_dt.config import Config, ConfigError, from_stored
 from nbody_dt.model.history import History
 from nbody_dt.model.network import DtNetwork
 from nbody_dt.model.set_network import build_network
@@ -121,7 +121,7 @@ def pair_prior_weights(cfg: Config, payload: dict) -> dict[str, torch.Tensor]:
     (ValueError, one line, otherwise)."""
     source = cfg.model.pair_prior
     try:
-        prior = from_dict(payload["config"]).model
+        prior = from_stored(payload["config"]).model
     except ConfigError as exc:
         raise ValueError(f"model.pair_prior {source}: its config is not one this nbody-dt reads ({exc})") from None
     bodies = payload["live"]["mass"].shape[1] if isinstance(payload.get("live"), dict) else None
