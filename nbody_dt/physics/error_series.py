@@ -7,8 +7,8 @@ s(h) = |dx(h)|^2 + eps^2 is a polynomial of degree 4, and s^(-1/2) (the potentia
 (the end kick's force) are expanded by the power recurrence of truncated series. The KDK step's
 error starts at h^3; higher orders carry the sign cancellations between pairs that set where the
 error first reaches a threshold. This costs no trial step. On the CPU the series and its dt come
-from compiled loops (`series_kernel`: about 1-1.3x a force evaluation from N = 64 up, 0.5x at N =
-16); the torch implementation below (`step_series_torch`, `series_dt_torch`) is the reference they
+from compiled loops (`series_kernel`: 0.4-0.9x a torch force evaluation at N = 16-1024); the
+torch implementation below (`step_series_torch`, `series_dt_torch`) is the reference they
 are tested against and the path on other devices, where at order 12 a call's roughly 800 torch
 operations cost 8-20 force evaluations at N <= 64 and about 3 from N = 256 up
 (benchmarks/README.md, "Where a learned step's time goes", "A compiled series").

@@ -108,9 +108,9 @@ class StepController:
 class ErrorSeries:
     """dt = safety x the dt at which the Taylor series (in dt, to `order`) of the step's own energy
     error reaches the tolerance: a predictor from the start state, one force evaluation a step (the
-    series' arithmetic, 3-20 force evaluations' worth of wall time on a CPU, is not counted, as the
-    network's is not for the learned policy; benchmarks/README.md, "An error series" and "Where a
-    learned step's time goes")."""
+    series' arithmetic, compiled on the CPU 0.4-0.9x a force evaluation's wall time, is not counted,
+    as the network's is not for the learned policy; benchmarks/README.md, "An error series" and "A
+    compiled series")."""
 
     tolerance: float
     gravity: Gravity
