@@ -134,15 +134,20 @@ def pair_set_features(state: State, gravity: Gravity, how: str = "all", k: int =
     return pair_set_features_torch(state, gravity, how, k, start)
 
 
+def _start_terms(state: State, gravity: Gravity) -> StepSeries:
+    """The start force, energies and pair separations the features read, computed here when no error
+    series has (coefficients None)."""
+    x = state.position
+    i, j = pair_indices(x.shape[1], x.device)
+    dx = x[:, j] - x[:, i]
+    return StepSeries(None, accelerations(x, state.mass, gravity), kinetic_energy(state),
+                      potential_energy(state, gravity), (dx * dx).sum(-1))
+
+
 def _pair_set_kernel(state: State, gravity: Gravity, how: str, k: int, start: StepSeries | None) -> PairSet:
     """`pair_set_features` from the compiled CPU kernel (`pair_kernel`), in float64."""
     x = state.position
-    if start is None:
-        i, j = pair_indices(x.shape[1], x.device)
-        dx = x[:, j] - x[:, i]
-        start = StepSeries(None, accelerations(x, state.mass, gravity), kinetic_energy(state),
-                           potential_energy(state, gravity), (dx * dx).sum(-1))
-
+    start = _start_terms(state, gravity) if start is None else start
     k = x.shape[1] ** 2 if how == "all" else k
     out = pair_kernel.tightest_pair_features(
         as_array(x), as_array(state.velocity), as_array(state.mass), as_array(start.acceleration),
@@ -158,10 +163,8 @@ def pair_set_features_torch(state: State, gravity: Gravity, how: str = "all", k:
     x, v, m = state.position, state.velocity, state.mass
     n = x.shape[1]
     i_all, j_all = pair_indices(n, x.device)
-    if start is None:
-        dx_all = x[:, j_all] - x[:, i_all]
-        r2_all = (dx_all * dx_all).sum(-1)
-    t_all, _ = _freefall(r2_all if start is None else start.separation2, m, gravity, i_all, j_all)
+    start = _start_terms(state, gravity) if start is None else start
+    t_all, _ = _freefall(start.separation2, m, gravity, i_all, j_all)
     t_min = t_all.min(-1).values
     sel, counted = select_pairs(t_all, n, how, k)
     i, j = i_all[sel], j_all[sel]  # (B, K)
@@ -179,17 +182,14 @@ def pair_set_features_torch(state: State, gravity: Gravity, how: str = "all", k:
     mp = (mi + mj).clamp_min(_TINY)
     gm = gravity.G * mp
     eps2 = gravity.softening ** 2
-    acc = accelerations(x, m, gravity) if start is None else start.acceleration
-    da = take(acc, j) - take(acc, i)
+    da = take(start.acceleration, j) - take(start.acceleration, i)
     own = -gm[..., None] * dx * (r2 + eps2).pow(-1.5)[..., None]
     tidal = (da - own).norm(dim=-1) * (r2 + eps2) / gm
-    potential = potential_energy(state, gravity) if start is None else start.potential
-    binding = (-potential).clamp_min(_TINY)[:, None]
+    binding = (-start.potential).clamp_min(_TINY)[:, None]
     pair_potential = gravity.G * mi * mj * (r2 + eps2).rsqrt()
     share = pair_potential / binding
     pair_energy = 0.5 * mi * mj / mp * v2 - pair_potential
-    kinetic = kinetic_energy(state) if start is None else start.kinetic
-    energy = (kinetic + potential).abs().clamp_min(_TINY)[:, None]
+    energy = (start.kinetic + start.potential).abs().clamp_min(_TINY)[:, None]
     t_safe = torch.where(mask, t_ff, t_min[:, None])
     feats = torch.stack([
         torch.log(v2 * r / gm + 1e-12),
